@@ -1,0 +1,211 @@
+"""One typed config tree: defaults, then a YAML file, then `key=value` overrides.
+
+    cfg = load_config("configs/paper.yaml", ["model.fusion=add", "train.epochs=3"])
+
+Every value is checked against its field's type, and unknown keys are refused with the key's name,
+so a typo never silently trains the default. The resolved tree is what MLflow logs as params.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from inpaint.errors import UserError
+from inpaint.masks import MaskConfig
+from inpaint.metrics import LOSSES
+from inpaint.models import ModelConfig
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # a prepared dataset, or any source jobs/prepare.py takes (default: $INPAINT_DATA)
+    prepared: str = ""  # where a source gets prepared (default: data/prepared-<name> in the cwd)
+    limit: int | None = None  # keep the first N source images (quick runs)
+    val: int = 5000  # validation images split off the training set
+    val_limit: int | None = None  # validate on the first N validation images only
+    seed: int = 0  # the train/val split's seed
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 5
+    batch_size: int = 32  # per worker
+    lr: float = 1e-3
+    optimizer: str = "adam"  # "adam" or "adamw"
+    weight_decay: float = 0.0
+    schedule: str = "constant"  # "constant" or "cosine" (per step, after the warm-up)
+    warmup_epochs: float = 0.0
+    loss: str = "mse"  # one of metrics.LOSSES
+    hole_weight: float = 6.0  # for the hole_* losses
+    seed: int = 0  # weights and training holes
+    val_seed: int = 1234  # the fixed validation holes
+    samples: int = 8  # validation images shown in the per-epoch picture
+
+
+@dataclass
+class ScalingConfig:
+    workers: int = 2  # Ray Train workers (DDP over gloo)
+    cpus_per_worker: float = 1.0  # also each worker's torch thread count (rounded down, at least 1)
+    address: str | None = None  # Ray cluster address (default: $RAY_ADDRESS, else a local Ray)
+    storage_path: str = "runs"  # checkpoints; every node must reach it (shared folder or URI)
+    max_failures: int = 2  # worker failures a run survives by resuming from its last checkpoint
+
+
+@dataclass
+class TrackingConfig:
+    tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db
+    experiment: str = "inpaint"
+    run_name: str | None = None  # default: variant and a timestamp
+    registered_model: str | None = None  # default: inpaint-fused-unet / inpaint-unet
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    masks: MaskConfig = field(default_factory=MaskConfig)  # training holes, fresh every batch
+    val_masks: MaskConfig = field(default_factory=lambda: MaskConfig(kind="diagonal"))  # fixed holes
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    @property
+    def registered_model(self) -> str:
+        default = "inpaint-fused-unet" if self.model.variant == "fused" else "inpaint-unet"
+        return self.tracking.registered_model or default
+
+    def validate(self) -> Config:
+        """Check the values that do not depend on the data; raise UserError naming the key."""
+        checks = [
+            ("train.epochs", self.train.epochs >= 1, "must be at least 1"),
+            ("train.batch_size", self.train.batch_size >= 1, "must be at least 1"),
+            ("train.lr", self.train.lr > 0, "must be positive"),
+            ("train.optimizer", self.train.optimizer in ("adam", "adamw"), "must be adam or adamw"),
+            ("train.schedule", self.train.schedule in ("constant", "cosine"), "must be constant or cosine"),
+            ("train.loss", self.train.loss in LOSSES, f"must be one of {', '.join(LOSSES)}"),
+            ("scaling.workers", self.scaling.workers >= 1, "must be at least 1 (a positive worker count)"),
+            ("scaling.cpus_per_worker", self.scaling.cpus_per_worker > 0, "must be positive"),
+            ("data.val", self.data.val >= 1, "must be at least 1"),
+        ]
+        for key, ok, why in checks:
+            if not ok:
+                raise UserError(f"{key} = {get(self, key)!r} {why}")
+        try:
+            self.model.validate()
+            self.masks.validate()
+            self.val_masks.validate()
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def get(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """`value` as the field's type, or UserError naming the key and the type it wants."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        annotation = next(a for a in options if a is not type(None))
+        origin = typing.get_origin(annotation)
+    wrong = UserError(f"{key} must be {getattr(annotation, '__name__', annotation)}, got {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        if not isinstance(value, list | tuple):
+            raise wrong
+        return [_coerce(v, item, key) for v in value]
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise wrong
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise wrong
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise wrong
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise wrong
+        return str(value)
+    raise wrong
+
+
+def _merge(node: Any, values: dict[str, Any], prefix: str = "") -> None:
+    """Set `values` (a nested dict) on the dataclass `node`, refusing unknown keys."""
+    hints = typing.get_type_hints(type(node))
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in hints:
+            known = ", ".join(f"{prefix}{n}" for n in hints)
+            raise UserError(f"unknown config key {key!r}; known keys here: {known}")
+        current = getattr(node, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise UserError(f"{key} is a section: give it a mapping of keys, got {value!r}")
+            _merge(current, value, prefix=f"{key}.")
+        else:
+            setattr(node, name, _coerce(value, hints[name], key))
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """`a.b=value` (value read as YAML: 3, 0.1, true, [64, 128, 256], add) into {"a": {"b": value}}."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"override {text!r} is not key=value, e.g. --set model.fusion=add")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    nested: dict[str, Any] = {}
+    node = nested
+    *parents, leaf = key.strip().split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+    return nested
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file at `path`, then the `key=value` overrides; validated."""
+    cfg = Config()
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise UserError(f"config file not found: {file}; pass an existing YAML file (see configs/)")
+        try:
+            values = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise UserError(f"config file {file} is not valid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(values, dict):
+            raise UserError(f"config file {file} must hold a mapping of sections, got {type(values).__name__}")
+        _merge(cfg, values)
+    for text in overrides or []:
+        _merge(cfg, parse_override(text))
+    return cfg.validate()
+
+
+def from_dict(values: dict[str, Any]) -> Config:
+    """The config a `to_dict()` produced (as stored in checkpoints and sent to workers)."""
+    cfg = Config()
+    _merge(cfg, values)
+    return cfg
