@@ -140,6 +140,11 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             raise wrong
         return value
     if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise wrong from None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise wrong
         return float(value)

@@ -1,0 +1,73 @@
+import pytest
+
+from inpaint.config import Config, from_dict, load_config
+from inpaint.errors import UserError
+
+
+def test_defaults_then_file_then_overrides(tmp_path):
+    file = tmp_path / "c.yaml"
+    file.write_text("model:\n  fusion: add\n  widths: [8, 16, 32]\ntrain:\n  epochs: 7\n  lr: 0.01\n")
+    cfg = load_config(file, ["train.epochs=3", "masks.max_size=12", "tracking.run_name=x"])
+    assert cfg.model.fusion == "add" and cfg.model.widths == [8, 16, 32]
+    assert cfg.train.epochs == 3 and cfg.train.lr == 0.01
+    assert cfg.masks.max_size == 12 and cfg.tracking.run_name == "x"
+    assert cfg.model.mixer_depth == Config().model.mixer_depth  # untouched default
+
+
+def test_round_trip_through_a_dict():
+    cfg = load_config(None, ["model.variant=unet", "data.limit=100", "train.lr=3e-4"])
+    assert from_dict(cfg.to_dict()) == cfg
+
+
+def test_ints_are_accepted_for_floats():
+    assert load_config(None, ["train.lr=1"]).train.lr == 1.0
+
+
+def test_registered_model_name_follows_the_variant():
+    assert load_config().registered_model == "inpaint-fused-unet"
+    assert load_config(None, ["model.variant=unet"]).registered_model == "inpaint-unet"
+    assert load_config(None, ["tracking.registered_model=mine"]).registered_model == "mine"
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("model.fusoin=add", "unknown config key 'model.fusoin'"),
+        ("trian.epochs=3", "unknown config key 'trian'"),
+        ("train.epochs=three", "train.epochs must be int"),
+        ("train.epochs=2.5", "train.epochs must be int"),
+        ("model.mask_channel=1", "model.mask_channel must be bool"),
+        ("model.widths=64", "model.widths must be list"),
+        ("scaling.workers=0", "scaling.workers"),
+        ("scaling.workers=-2", "positive worker count"),
+        ("masks.min_size=20", "min_size \\(20\\) is larger than max_size"),
+        ("model.fusion=mul", "model.fusion"),
+        ("train.loss=huber", "train.loss"),
+        ("epochs", "not key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, match):
+    with pytest.raises(UserError, match=match):
+        load_config(None, [override])
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(UserError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("model: [unclosed\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(bad_yaml)
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("model:\n  depth: 3\n")
+    with pytest.raises(UserError, match="unknown config key 'model.depth'"):
+        load_config(unknown)
+
+
+def test_shipped_config_files_load():
+    from pathlib import Path
+
+    files = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert files, "configs/ should ship at least the paper's configuration"
+    for file in files:
+        load_config(file)

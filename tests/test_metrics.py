@@ -1,0 +1,118 @@
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from skimage.metrics import structural_similarity
+
+from inpaint.masks import MaskConfig, apply_holes, fixed_masks, squares
+from inpaint.metrics import (
+    MetricTotals,
+    composite,
+    dice,
+    l1_hole,
+    psnr,
+    psnr_hole,
+    reconstruction_loss,
+    ssim,
+)
+
+
+def test_dice_on_a_hand_made_array():
+    y = torch.tensor([0.0, 0.5, 1.0, 1.0])
+    p = torch.tensor([0.0, 1.0, 1.0, 0.0])
+    # 2·(0 + 0.5 + 1 + 0) / (0 + 1.5 + 2 + 1) = 3 / 4.5
+    assert dice(y, p).item() == pytest.approx(2 / 3)
+
+
+def test_dice_of_a_perfect_prediction_is_not_one():
+    y = torch.full((1, 3, 2, 2), 0.5)
+    # 2·Σy² / 2Σy = Σy² / Σy = 0.5: the paper's Dice rewards bright images, not right ones
+    assert dice(y, y).item() == pytest.approx(0.5)
+
+
+def test_psnr_hole_and_l1_hole_by_hand():
+    target = torch.zeros(1, 3, 4, 4)
+    pred = torch.zeros(1, 3, 4, 4)
+    mask = squares(torch.tensor([2]), torch.tensor([0]), torch.tensor([0]), 4, 4)
+    pred[:, :, 0, 0] = 0.1  # one hole pixel off by 0.1 in every channel, 4 hole pixels
+    pred[:, :, 3, 3] = 1.0  # a known pixel: ignored by the hole metrics
+    mse_hole = 0.1**2 / 4
+    assert psnr_hole(target, pred, mask).item() == pytest.approx(10 * math.log10(1 / mse_hole), rel=1e-5)
+    assert l1_hole(target, pred, mask).item() == pytest.approx(0.1 / 4, rel=1e-5)
+    mse_image = (3 * 0.1**2 + 3 * 1.0) / (3 * 16)
+    assert psnr(target, pred).item() == pytest.approx(10 * math.log10(1 / mse_image), rel=1e-5)
+
+
+def test_perfect_prediction_scores_the_maximum():
+    y = torch.rand(2, 3, 16, 16)
+    mask = squares(torch.tensor([4, 5]), torch.tensor([1, 2]), torch.tensor([3, 4]), 16, 16)
+    assert torch.all(psnr_hole(y, y, mask) == 100)
+    assert torch.all(l1_hole(y, y, mask) == 0)
+    assert torch.allclose(ssim(y, y), torch.ones(2))
+
+
+def test_ssim_matches_scikit_image():
+    rng = np.random.default_rng(0)
+    y = rng.random((32, 32, 3))
+    p = np.clip(y + rng.normal(0, 0.1, y.shape), 0, 1)
+    expected = structural_similarity(
+        y, p, channel_axis=2, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1.0
+    )
+    got = ssim(torch.from_numpy(y).permute(2, 0, 1)[None], torch.from_numpy(p).permute(2, 0, 1)[None])
+    assert got.item() == pytest.approx(expected, abs=1e-3)
+
+
+def test_composite_keeps_known_pixels():
+    y, p = torch.zeros(1, 3, 4, 4), torch.ones(1, 3, 4, 4)
+    mask = squares(torch.tensor([2]), torch.tensor([1]), torch.tensor([1]), 4, 4)
+    assert torch.equal(composite(p, y, mask), mask.expand(1, 3, 4, 4))
+
+
+def test_totals_do_not_depend_on_batching():
+    torch.manual_seed(0)
+    y, p = torch.rand(6, 3, 16, 16), torch.rand(6, 3, 16, 16)
+    mask = fixed_masks(torch.arange(6), 16, 16, MaskConfig(min_size=3, max_size=8), seed=0)
+    whole, parts = MetricTotals(), MetricTotals()
+    whole.update(y, p, mask)
+    for s in (slice(0, 1), slice(1, 4), slice(4, 6)):
+        parts.update(y[s], p[s], mask[s])
+    a, b = MetricTotals.compute(whole.state()), MetricTotals.compute(parts.state())
+    assert a == pytest.approx(b)
+    filled = composite(p, y, mask)
+    assert a["dice"] == pytest.approx(dice(y, filled).item())
+    assert a["psnr_hole"] == pytest.approx(psnr_hole(y, filled, mask).mean().item())
+
+
+def test_hole_weighted_loss_weighs_the_hole():
+    y = torch.zeros(1, 3, 4, 4)
+    mask = squares(torch.tensor([2]), torch.tensor([0]), torch.tensor([0]), 4, 4)
+    in_hole, outside = y.clone(), y.clone()
+    in_hole[:, :, 0, 0] = 1
+    outside[:, :, 3, 3] = 1
+    assert reconstruction_loss(in_hole, y, mask, "mse") == reconstruction_loss(outside, y, mask, "mse")
+    ratio = reconstruction_loss(in_hole, y, mask, "hole_l1", 6.0) / reconstruction_loss(
+        outside, y, mask, "hole_l1", 6.0
+    )
+    assert ratio.item() == pytest.approx(6.0)
+
+
+@pytest.fixture(scope="module")
+def cifar10_sample() -> torch.Tensor:
+    """The first 1,000 CIFAR-10 training images from $INPAINT_DATA (CI points it at ../shared/data/cifar10)."""
+    source = os.environ.get("INPAINT_DATA")
+    if not source:
+        pytest.skip("INPAINT_DATA is not set: point it at a CIFAR-10 source to check the paper's Dice figures")
+    from inpaint.data import load_source
+
+    images, _ = load_source(source, limit=1000)["train"]
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+
+
+def test_paper_dice_on_cifar10(cifar10_sample):
+    """The brief's figures: Dice ≈ 0.608 for a perfect image, ≈ 0.573 for the unfilled input."""
+    images = cifar10_sample
+    masks = fixed_masks(torch.arange(len(images)), 32, 32, MaskConfig(kind="diagonal"), seed=0)
+    assert dice(images, images).item() == pytest.approx(0.608, abs=0.01)
+    assert dice(images, apply_holes(images, masks)).item() == pytest.approx(0.573, abs=0.01)
