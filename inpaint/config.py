@@ -20,8 +20,10 @@ import yaml
 
 from inpaint.errors import UserError
 from inpaint.masks import MaskConfig
-from inpaint.metrics import LOSSES
+from inpaint.metrics import LOSSES, METRIC_NAMES
 from inpaint.models import ModelConfig
+
+VAL_METRICS = ("val_loss", *(f"val_{name}" for name in METRIC_NAMES))
 
 
 @dataclass
@@ -48,6 +50,7 @@ class TrainConfig:
     seed: int = 0  # weights and training holes
     val_seed: int = 1234  # the fixed validation holes
     samples: int = 8  # validation images shown in the per-epoch picture
+    best_metric: str = "val_psnr_hole"  # picks the epoch whose model is registered
 
 
 @dataclass
@@ -91,6 +94,7 @@ class Config:
             ("train.optimizer", self.train.optimizer in ("adam", "adamw"), "must be adam or adamw"),
             ("train.schedule", self.train.schedule in ("constant", "cosine"), "must be constant or cosine"),
             ("train.loss", self.train.loss in LOSSES, f"must be one of {', '.join(LOSSES)}"),
+            ("train.best_metric", self.train.best_metric in VAL_METRICS, f"must be one of {', '.join(VAL_METRICS)}"),
             ("scaling.workers", self.scaling.workers >= 1, "must be at least 1 (a positive worker count)"),
             ("scaling.cpus_per_worker", self.scaling.cpus_per_worker > 0, "must be positive"),
             ("data.val", self.data.val >= 1, "must be at least 1"),
@@ -190,9 +194,11 @@ def parse_override(text: str) -> dict[str, Any]:
     return nested
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the YAML file at `path`, then the `key=value` overrides; validated."""
-    cfg = Config()
+def load_config(
+    path: str | os.PathLike | None = None, overrides: list[str] | None = None, base: dict[str, Any] | None = None
+) -> Config:
+    """Defaults (or `base`, a saved config), then the YAML file at `path`, then the `key=value` overrides."""
+    cfg = from_dict(base) if base else Config()
     if path is not None:
         file = Path(path)
         if not file.is_file():

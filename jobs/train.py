@@ -1,0 +1,70 @@
+"""Train an inpainting model with Ray Train on CPU workers, tracked and registered in MLflow.
+
+python jobs/train.py --data ../shared/data/cifar10 --workers 2 --epochs 2 --limit 5000
+python jobs/train.py --config configs/paper.yaml --set model.fusion=concat --data DIR
+python jobs/train.py --resume fused-20261124-201500          # go on with a stopped run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from inpaint import tracking
+from inpaint.config import load_config
+from inpaint.errors import cli_errors
+from inpaint.train import train
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--data", help="a prepared dataset, or any source jobs/prepare.py takes (default: $INPAINT_DATA)"
+    )
+    parser.add_argument("--config", help="a YAML config file (see configs/)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config value")
+    parser.add_argument("--workers", type=int, help="Ray Train workers (scaling.workers)")
+    parser.add_argument("--epochs", type=int, help="training epochs (train.epochs)")
+    parser.add_argument("--limit", type=int, help="keep the first N source images (data.limit)")
+    parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite)")
+    parser.add_argument("--resume", metavar="RUN_NAME", help="continue a stopped run from its last checkpoint")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="write the final metrics, run id and model URI")
+    return parser.parse_args(argv)
+
+
+@cli_errors
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    flags = {
+        "data.path": args.data,
+        "scaling.workers": args.workers,
+        "train.epochs": args.epochs,
+        "data.limit": args.limit,
+        "scaling.address": args.address,
+        "tracking.tracking_uri": args.tracking_uri,
+    }
+    overrides = [*args.set, *(f"{key}={value}" for key, value in flags.items() if value is not None)]
+    cfg = load_config(args.config, overrides)
+    result = train(cfg, resume=args.resume, overrides=overrides)
+
+    uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
+    rows = [
+        ("run", result.run_name),
+        ("epochs", f"{result.epochs} (best: {result.best_epoch})"),
+        *((name, f"{value:.4f}") for name, value in result.metrics.items()),
+        ("MLflow run", f"runs:/{result.run_id}"),
+        ("model", result.model_uri),
+        ("open the UI", tracking.ui_command(uri)),
+    ]
+    width = max(len(name) for name, _ in rows)
+    print("\n".join(f"{name:<{width}}  {value}" for name, value in rows))
+    if args.json:
+        args.json.write_text(
+            json.dumps({"run_id": result.run_id, "model_uri": result.model_uri, **result.metrics}, indent=2) + "\n"
+        )
+
+
+if __name__ == "__main__":
+    main()

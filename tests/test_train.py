@@ -1,0 +1,175 @@
+"""The training job end to end: real Ray Train workers (DDP over gloo), a real MLflow SQLite store.
+
+Each job runs as a user runs it, `python jobs/train.py ...`, in a subprocess with its own local Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from inpaint.data import prepare, read_split
+from inpaint.masks import MaskConfig, apply_holes, fixed_masks
+from inpaint.metrics import MetricTotals
+from inpaint.models import model_input
+
+REPO = Path(__file__).resolve().parents[1]
+METRICS = ["train_loss", "val_loss", "val_dice", "val_psnr_hole", "val_l1_hole", "val_ssim", "images_per_s"]
+SMALL_MODEL = [
+    "model.widths=[8,16,32]",
+    "model.mixer_dim=16",
+    "train.batch_size=16",
+    "train.samples=4",
+    "masks.min_size=4",
+    "masks.max_size=12",
+]
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    """104 smooth 32×32 images (CIFAR-10 python layout): 64 train, 32 validation and 8 test rows once prepared."""
+    root = tmp_path_factory.mktemp("tiny")
+    rng = np.random.default_rng(0)
+    coarse = rng.integers(0, 256, size=(104, 3, 4, 4)).astype(np.uint8)
+    images = coarse.repeat(8, axis=2).repeat(8, axis=3)  # (N, 3, 32, 32): planar, as CIFAR stores it
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir()
+    batches = {f"data_batch_{i + 1}": images[i * 16 : (i + 1) * 16] for i in range(4)}
+    batches |= {"data_batch_5": images[64:96], "test_batch": images[96:]}
+    for name, batch in batches.items():
+        (folder / name).write_bytes(pickle.dumps({b"data": batch.reshape(len(batch), -1), b"labels": [0] * len(batch)}))
+    prepare(folder, root / "prepared", val=32, progress=lambda _: None)
+    return root / "prepared"
+
+
+def run_job(args: list[str], cwd: Path, tracking_uri: str, **popen) -> subprocess.Popen:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "jobs" / "train.py"), *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **popen,
+    )
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def metric_steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def test_two_worker_run_is_tracked_and_registered(tiny_data, tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    out = finish(
+        run_job(
+            ["--data", str(tiny_data), "--workers", "2", "--epochs", "2", "--json", "result.json"]
+            + [f"--set={s}" for s in SMALL_MODEL],
+            tmp_path,
+            uri,
+        )
+    )
+    assert "epoch 2/2" in out and "mlflow ui" in out
+    result = json.loads((tmp_path / "result.json").read_text())
+    client = MlflowClient(uri)
+    run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.widths"] == "[8, 16, 32]" and run.data.params["scaling.workers"] == "2"
+    for key in METRICS:
+        assert metric_steps(client, run.info.run_id, key) == [1, 2], key
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
+    assert artifacts == {"samples/epoch_001.png", "samples/epoch_002.png"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"curves.png", "config.json"}
+
+    # the registered model reproduces the worker's validation metrics of the epoch it came from
+    name, version = result["model_uri"].removeprefix("models:/").split("/")
+    assert name == "inpaint-fused-unet"
+    tags = client.get_model_version(name, version).tags
+    epoch = int(tags["epoch"])
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pytorch.load_model(result["model_uri"])
+    images, index = read_split(str(tiny_data), "val")
+    images = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    masks = fixed_masks(torch.from_numpy(index), 32, 32, MaskConfig(kind="diagonal"), seed=1234)
+    with torch.no_grad():
+        pred = model(model_input(apply_holes(images, masks), masks))
+    totals = MetricTotals()
+    totals.update(images, pred, masks)
+    ours = MetricTotals.compute(totals.state())
+    logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val_psnr_hole")}
+    assert ours["psnr_hole"] == pytest.approx(logged[epoch], abs=1e-3)
+    assert result["val_psnr_hole"] == pytest.approx(logged[epoch], abs=1e-6)
+    assert float(tags["val_psnr_hole"]) == pytest.approx(logged[epoch], abs=1e-3)
+
+
+def test_stopped_run_resumes_and_logs_each_epoch_once(tiny_data, tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = ["--data", str(tiny_data), "--workers", "2", "--epochs", "3", "--set=tracking.run_name=stopped"]
+    args += [f"--set={s}" for s in SMALL_MODEL]
+    proc = run_job(args, tmp_path, uri, start_new_session=True)
+    lines = []
+    deadline = time.monotonic() + 240
+    for line in proc.stdout:  # stop the job as a user would (Ctrl-C) once epoch 1 is checkpointed
+        lines.append(line)
+        if "epoch 1/3" in line:
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+        assert time.monotonic() < deadline, "".join(lines)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("inpaint").experiment_id])
+    assert run.info.status == "KILLED"
+    assert 1 in metric_steps(client, run.info.run_id, "val_loss")
+
+    out = finish(run_job(["--resume", "stopped", "--json", "result.json"], tmp_path, uri))
+    assert "epoch 3/3" in out and "epoch 1/3" not in out
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["run_id"] == run.info.run_id
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    for key in METRICS:
+        assert metric_steps(client, run.info.run_id, key) == [1, 2, 3], key
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--set", "model.fusoin=add"], "unknown config key 'model.fusoin'"),
+        (["--workers", "0"], "scaling.workers"),
+        (["--workers", "64"], "64 workers × 1 CPU need 64 CPUs but the Ray cluster has"),
+        (["--address", "127.0.0.1:1"], "no Ray cluster at '127.0.0.1:1'"),
+        (["--tracking-uri", "http://127.0.0.1:1"], "MLflow tracking server not reachable at http://127.0.0.1:1"),
+        (["--data", "/nonexistent/cifar"], "/nonexistent/cifar"),
+    ],
+)
+def test_bad_input_stops_with_one_line(tiny_data, tmp_path, args, message):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    data = [] if "--data" in args else ["--data", str(tiny_data)]
+    proc = run_job([*data, *args], tmp_path, uri)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2, out
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], out
+    assert "Traceback" not in out
