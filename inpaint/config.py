@@ -31,7 +31,7 @@ class DataConfig:
     path: str = ""  # a prepared dataset, or any source jobs/prepare.py takes (default: $INPAINT_DATA)
     prepared: str = ""  # where a source gets prepared (default: data/prepared-<name> in the cwd)
     limit: int | None = None  # keep the first N source images (quick runs)
-    val: int = 5000  # validation images split off the training set
+    val: int = 5000  # validation images split off the training set (at most a tenth of `limit`)
     val_limit: int | None = None  # validate on the first N validation images only
     seed: int = 0  # the train/val split's seed
 

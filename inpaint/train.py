@@ -107,6 +107,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     height, width = loop_config["height"], loop_config["width"]
     steps_per_epoch = math.ceil(loop_config["train_rows"] / (cfg.train.batch_size * world_size))
+    progress_every = max(1, steps_per_epoch // 10)  # a progress line every tenth of an epoch
 
     torch.manual_seed(cfg.train.seed)  # same initial weights on every worker
     model = build_model(cfg.model)
@@ -132,9 +133,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         holes = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + epoch * 1_009 + rank)
         model.train()
         loss_sum, images_seen, started = 0.0, 0, time.perf_counter()
-        for images, _ in train_shard.iter_torch_batches(
+        batches = train_shard.iter_torch_batches(
             batch_size=cfg.train.batch_size, collate_fn=ImageBatches(), prefetch_batches=2
-        ):
+        )
+        for step, (images, _) in enumerate(batches, start=1):
             masks = random_masks(len(images), height, width, cfg.masks, holes)
             pred = model(model_input(apply_holes(images, masks), masks))
             loss = reconstruction_loss(pred, images, masks, cfg.train.loss, cfg.train.hole_weight)
@@ -144,6 +146,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             scheduler.step()
             loss_sum += loss.item() * len(images)
             images_seen += len(images)
+            if rank == 0 and step % progress_every == 0:
+                elapsed = time.perf_counter() - started
+                print(
+                    f"epoch {epoch} step {step}/{steps_per_epoch}  loss {loss_sum / images_seen:.4f}  "
+                    f"{images_seen * world_size / elapsed:.0f} img/s",
+                    flush=True,
+                )
         train_seconds = time.perf_counter() - started
 
         model.eval()
@@ -224,22 +233,45 @@ def check_cluster_fits(cfg: Config) -> None:
         )
 
 
-def make_trainer(cfg: Config, data: str, run_name: str, mlflow_run_id: str, tracking_uri: str) -> TorchTrainer:
-    """The TorchTrainer for one run; reusing `run_name` and the storage path resumes that run."""
+def check_holes_fit(cfg: Config, data: str) -> None:
+    """Refuse holes that cannot be drawn on the dataset's images, before any Ray work."""
     manifest = read_manifest(data)
-    cfg.masks.validate(manifest["height"], manifest["width"])
-    cfg.val_masks.validate(manifest["height"], manifest["width"])
-    val_files = split_files(data, "val")
-    val_rows = manifest["splits"]["val"]
-    val = ray.data.read_parquet(val_files)
+    for name in ("masks", "val_masks"):
+        try:
+            getattr(cfg, name).validate(manifest["height"], manifest["width"])
+        except ValueError as err:
+            raise UserError(f"{name}: {err}") from None
+
+
+def read_datasets(cfg: Config, data: str) -> dict[str, ray.data.Dataset]:
+    """The train and validation splits, materialized before the workers take the CPUs, so that reading
+    never waits on them (a Tune study reads them once for all its trials)."""
+    ray.data.DataContext.get_current().enable_progress_bars = False  # our per-epoch lines say enough
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # else every worker line shows twice
+    val = ray.data.read_parquet(split_files(data, "val"))
     if cfg.data.val_limit:
         val = val.limit(cfg.data.val_limit)
-        val_rows = min(val_rows, cfg.data.val_limit)
-    datasets = {
-        # Materialized before the workers take the CPUs, so that reading never waits on them.
-        "train": ray.data.read_parquet(split_files(data, "train")).materialize(),
-        "val": val.materialize(),
-    }
+    return {"train": ray.data.read_parquet(split_files(data, "train")).materialize(), "val": val.materialize()}
+
+
+def make_trainer(
+    cfg: Config,
+    data: str,
+    run_name: str,
+    mlflow_run_id: str,
+    tracking_uri: str,
+    *,
+    datasets: dict[str, ray.data.Dataset] | None = None,
+    callbacks: list[ray.train.UserCallback] | None = None,
+    reserved_cpus: float = 0.0,
+) -> TorchTrainer:
+    """The TorchTrainer for one run; reusing `run_name` and the storage path resumes that run.
+
+    A Tune trial passes its study's `datasets`, its `callbacks`, and the CPU its own actor holds
+    (`reserved_cpus`): that comes out of the workers' share, so the trial fits where its config fits.
+    """
+    manifest = read_manifest(data)
+    datasets = datasets or read_datasets(cfg, data)
     storage_path = cfg.scaling.storage_path
     if "://" not in storage_path:
         storage_path = os.path.abspath(storage_path)
@@ -253,16 +285,16 @@ def make_trainer(cfg: Config, data: str, run_name: str, mlflow_run_id: str, trac
             "height": manifest["height"],
             "width": manifest["width"],
             "train_rows": manifest["splits"]["train"],
-            "val_rows": val_rows,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.workers,
             use_gpu=False,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker - reserved_cpus / cfg.scaling.workers},
         ),
         run_config=ray.train.RunConfig(
             name=run_name,
             storage_path=storage_path,
+            callbacks=callbacks,
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=2,
@@ -274,27 +306,37 @@ def make_trainer(cfg: Config, data: str, run_name: str, mlflow_run_id: str, trac
     )
 
 
+def log_checkpoint_model(
+    cfg: Config, checkpoint: ray.train.Checkpoint, run_id: str, data: str, tracking_uri: str
+) -> tuple[str, dict[str, Any]]:
+    """Log the model a checkpoint holds to the run, registered under `cfg.registered_model` and tagged
+    with its epoch and that epoch's validation metrics; returns `models:/NAME/VERSION` and the state."""
+    with checkpoint.as_directory() as path:
+        state = load_checkpoint_state(path)
+    model = model_from_state(state)
+    images, index = read_split(data, "val", limit=4)
+    images = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    masks = validation_holes(cfg, torch.from_numpy(index), images.shape[-2], images.shape[-1])
+    val_tags = {k: f"{v:.4f}" for k, v in state["metrics"].items() if k.startswith("val_")}
+    model_uri = tracking.log_model(
+        run_id,
+        model,
+        input_example=model_input(apply_holes(images, masks), masks).numpy(),
+        registered_name=cfg.registered_model,
+        tags={**val_tags, "epoch": str(state["epoch"])},
+        tracking_uri=tracking_uri,
+    )
+    return model_uri, state
+
+
 def finish_run(
     cfg: Config, result: ray.train.Result, run_id: str, run_name: str, data: str, tracking_uri: str
 ) -> RunResult:
     """Log the best epoch's model (registered) and the curves picture, then end the MLflow run."""
     sign = 1 if metric_mode(cfg.train.best_metric) == "max" else -1
     best_checkpoint, best_metrics = max(result.best_checkpoints, key=lambda pair: sign * pair[1][cfg.train.best_metric])
-    with best_checkpoint.as_directory() as path:
-        state = load_checkpoint_state(path)
-    model = model_from_state(state)
-    images, index = read_split(data, "val", limit=4)
-    images = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
-    masks = validation_holes(cfg, torch.from_numpy(index), images.shape[-2], images.shape[-1])
+    model_uri, state = log_checkpoint_model(cfg, best_checkpoint, run_id, data, tracking_uri)
     val_metrics = {k: float(v) for k, v in best_metrics.items() if k.startswith("val_")}
-    model_uri = tracking.log_model(
-        run_id,
-        model,
-        input_example=model_input(apply_holes(images, masks), masks).numpy(),
-        registered_name=cfg.registered_model,
-        tags={**{k: f"{v:.4f}" for k, v in val_metrics.items()}, "epoch": str(state["epoch"])},
-        tracking_uri=tracking_uri,
-    )
     history = tracking.metric_history(run_id, CURVES, tracking_uri=tracking_uri)
     picture = tracking.curves_picture(history, run_name)
     tracking.log_picture(run_id, picture, "curves.png", tracking_uri=tracking_uri)
@@ -335,7 +377,9 @@ def prepare_data(cfg: Config) -> str:
     name = os.path.basename(os.path.normpath(source)).split(".")[0] or "data"
     limit = f"-{cfg.data.limit}" if cfg.data.limit else ""
     out = cfg.data.prepared or os.path.abspath(os.path.join("data", f"prepared-{name}{limit}"))
-    prepare(source, out, val=cfg.data.val, limit=cfg.data.limit, seed=cfg.data.seed)
+    # a quick run on the first N images keeps the paper's 9:1 train/validation ratio
+    val = min(cfg.data.val, cfg.data.limit // 10) if cfg.data.limit else cfg.data.val
+    prepare(source, out, val=val, limit=cfg.data.limit, seed=cfg.data.seed)
     return out
 
 
@@ -352,6 +396,7 @@ def train(cfg: Config, *, resume: str | None = None, overrides: list[str] | None
         cfg = load_config(None, overrides, base=saved)
         run_name = resume
     data = prepare_data(cfg)
+    check_holes_fit(cfg, data)
     connect_ray(cfg.scaling.address)
     check_cluster_fits(cfg)
     if not resume:
