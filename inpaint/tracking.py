@@ -29,9 +29,11 @@ import torch
 import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
+from PIL import Image, ImageDraw, ImageFont
 
 from inpaint.errors import UserError
 from inpaint.vision import import_torchvision
@@ -50,6 +52,7 @@ MODEL_NAME = "model"
 MAX_PARAM_CHARS = 6000  # MLflow rejects longer param values
 CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
 SECRET_NAME = re.compile(r"token|password|secret|access_key", re.IGNORECASE)
+LABEL_HEIGHT = 20  # pixels of the column labels above a picture grid
 
 # Metrics that could not reach the tracking store yet, per run: the next call sends them first.
 _unsent: dict[str, list[Metric]] = {}
@@ -312,25 +315,47 @@ def log_picture(run_id: str, image: np.ndarray, artifact_file: str, *, tracking_
         logger.warning("MLflow unreachable, %s not logged: %s", artifact_file, err)
 
 
+def log_text(run_id: str, text: str, artifact_file: str, *, tracking_uri: str | None = None) -> None:
+    """Log `text` as an artifact file (e.g. "table.md")."""
+    MlflowClient(tracking_uri).log_text(run_id, text, artifact_file)
+
+
 def sample_grid(
     masked: torch.Tensor, output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
 ) -> np.ndarray:
-    """One (H, W, 3) uint8 picture, a row per sample: masked input | output | ground truth.
+    """One picture, a row per sample: masked input | output | ground truth (see `picture_grid`)."""
+    return picture_grid([masked, output, target], mask=mask)
 
-    Inputs are (N, 3, H, W) in [0, 1]; `mask` (N, 1, H, W), 1 = hole, paints the hole mid-grey so it
-    shows. Small images are enlarged (nearest) to about 128 pixels so that people can see them.
+
+def picture_grid(
+    columns: list[torch.Tensor], labels: list[str] | None = None, mask: torch.Tensor | None = None
+) -> np.ndarray:
+    """One (H, W, 3) uint8 picture, a row per sample and a column per tensor, under `labels` if given.
+
+    Columns are (N, 3, H, W) in [0, 1]; `mask` (N, 1, H, W), 1 = hole, paints the hole of the first
+    column mid-grey so it shows. Small images are enlarged (nearest) to about 128 pixels so that
+    people can see them.
     """
     import_torchvision()
     from torchvision.utils import make_grid
 
-    masked, output, target = (t.detach().float().cpu().clamp(0, 1) for t in (masked, output, target))
+    columns = [t.detach().float().cpu().clamp(0, 1) for t in columns]
     if mask is not None:
-        masked = masked.masked_fill(mask.detach().cpu().bool(), 0.5)
-    tiles = torch.stack([masked, output, target], dim=1).flatten(0, 1)  # sample by sample
+        columns[0] = columns[0].masked_fill(mask.detach().cpu().bool(), 0.5)
+    tiles = torch.stack(columns, dim=1).flatten(0, 1)  # sample by sample
     scale = max(1, 128 // min(tiles.shape[-2:]))
     tiles = F.interpolate(tiles, scale_factor=scale, mode="nearest")
-    grid = make_grid(tiles, nrow=3, padding=2, pad_value=1.0)
-    return (grid.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    grid = make_grid(tiles, nrow=len(columns), padding=2, pad_value=1.0)
+    picture = (grid.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    if labels is None:
+        return picture
+    header = Image.new("RGB", (picture.shape[1], LABEL_HEIGHT), "white")
+    draw = ImageDraw.Draw(header)
+    font = ImageFont.load_default(size=LABEL_HEIGHT - 6)
+    pitch = tiles.shape[-1] + 2  # a tile and its padding
+    for i, label in enumerate(labels):
+        draw.text((2 + i * pitch + (pitch - 2 - draw.textlength(label, font=font)) / 2, 2), label, "black", font)
+    return np.concatenate([np.asarray(header), picture])
 
 
 def curves_picture(history: Mapping[str, list[float]], title: str) -> np.ndarray:
@@ -340,6 +365,7 @@ def curves_picture(history: Mapping[str, list[float]], title: str) -> np.ndarray
     for axes, (name, values) in zip(np.atleast_1d(figure.subplots(1, len(history))), history.items(), strict=True):
         axes.plot(range(1, len(values) + 1), values, marker="o", markersize=3)
         axes.set(title=name, xlabel="epoch")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(alpha=0.3)
     figure.suptitle(title)
     figure.tight_layout()
@@ -418,3 +444,29 @@ def log_model(
 def set_alias(name: str, alias: str, version: str, *, tracking_uri: str | None = None) -> None:
     """Point `models:/NAME@ALIAS` at a version (e.g. "champion")."""
     MlflowClient(tracking_uri).set_registered_model_alias(name, alias, version)
+
+
+def logged_model_state(model_uri: str, *, tracking_uri: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The weights of a model `log_model` logged, and the config of the run it was logged in.
+
+    The pt2 graph only takes inputs of the height and width it was exported with (`torch.export`
+    specializes them); the network rebuilt from its config and these weights takes any size.
+    """
+    if tracking_uri is not None:
+        mlflow.set_tracking_uri(tracking_uri)  # mlflow.pytorch.load_model only reads the process's URI
+    try:
+        run_id = mlflow.models.get_model_info(model_uri).run_id
+        graph = mlflow.pytorch.load_model(model_uri)
+    except MlflowException as err:
+        raise UserError(
+            f"cannot load the MLflow model {model_uri} from {mlflow.get_tracking_uri()} ({err.message}): "
+            "check the name, version or alias, and --tracking-uri"
+        ) from None
+    try:
+        config = mlflow.artifacts.load_dict(f"runs:/{run_id}/{CONFIG_FILE}")
+    except MlflowException:
+        raise UserError(
+            f"{model_uri} was not logged by jobs/train.py: its run {run_id} has no {CONFIG_FILE} "
+            "to rebuild the network from"
+        ) from None
+    return graph.state_dict(), config

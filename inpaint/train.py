@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import socket
 import tempfile
 import time
@@ -31,7 +32,7 @@ from inpaint.config import Config, from_dict, load_config
 from inpaint.data import batch_to_tensor, is_prepared, prepare, read_manifest, read_split, split_files
 from inpaint.errors import UserError
 from inpaint.masks import apply_holes, fixed_masks, random_masks
-from inpaint.metrics import MetricTotals, reconstruction_loss
+from inpaint.metrics import MetricTotals, composite, reconstruction_loss
 from inpaint.models import UNet, build_model, model_input
 
 LOWER_IS_BETTER = {"val_loss", "val_l1_hole", "train_loss"}
@@ -198,7 +199,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             images, index = samples
             images = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
             masks = validation_holes(cfg, torch.from_numpy(index), height, width)
-            picture = tracking.sample_grid(apply_holes(images, masks), fill(model, images, masks), images, masks)
+            filled = composite(fill(model, images, masks), images, masks)  # what a user gets back
+            picture = tracking.sample_grid(apply_holes(images, masks), filled, images, masks)
             tracking.log_picture(run_id, picture, f"samples/epoch_{epoch:03d}.png", tracking_uri=tracking_uri)
             print(
                 f"epoch {epoch}/{cfg.train.epochs}  train_loss {metrics['train_loss']:.4f}  "
@@ -358,13 +360,26 @@ def connect_ray(address: str | None) -> None:
                 f"no Ray cluster at {address!r} ({err}): start one with `ray start --head` or "
                 "deploy/local-cluster.sh up, or leave --address and RAY_ADDRESS unset to run locally"
             ) from None
+    dashboard_port = None
+    if not address:
+        # Ray Train frees the workers of a stopped Tune trial through Ray's state API, which cannot
+        # tell which of several Ray instances on one host is ours: point it at our dashboard.
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            dashboard_port = sock.getsockname()[1]
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"  # Ray's processes inherit it
+    # Ctrl-C reaches the whole process group: a local Ray started here inherits an ignored SIGINT, so
+    # that it outlives the driver long enough for the driver to mark its MLflow run KILLED and exit.
+    driver_handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address or "local", dashboard_port=dashboard_port, log_to_driver=True)
     except (ConnectionError, RuntimeError) as err:
         raise UserError(
             f"no Ray cluster at {address!r} ({str(err).splitlines()[0]}): start one with `ray start --head` "
             "or deploy/local-cluster.sh up, or leave --address unset to run locally"
         ) from None
+    finally:
+        signal.signal(signal.SIGINT, driver_handler)
 
 
 def prepare_data(cfg: Config) -> str:

@@ -107,3 +107,204 @@ def hf_folder(tmp_path: Path, hf_splits: Splits, write_hf_parquet) -> Path:
     )
     write_hf_parquet(folder / "data" / "test-00000-of-00001.parquet", list(test_images), test_labels.tolist())
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A prepared dataset of 104 smooth 32×32 images, for real training runs (see helpers.py)."""
+    from helpers import write_tiny_dataset
+
+    return write_tiny_dataset(tmp_path_factory.mktemp("tiny"))
+
+
+# ---------------------------------------------------------------------------------------------
+# deploy/: a Ray cluster of two nodes and an MLflow server, started and stopped by the deploy scripts
+# as a user does (tests/test_cluster.py, tests/test_browser.py). Self-contained: nothing above uses it.
+
+
+class Deployment:
+    """A local cluster (deploy/local-cluster.sh) and an MLflow server (deploy/mlflow-server.sh) in `root`,
+    on free ports; `env` is what a shell that uses them has (deploy/submit.sh reads the run folders)."""
+
+    DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+    CLEARED = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+
+    def __init__(self, root: Path, nodes: int = 2, mode: str = "auto"):
+        import os
+
+        self.root, self.nodes, self.mode = root, nodes, mode
+        self.cluster_dir, self.mlflow_dir = root / "cluster", root / "mlflow"
+        self.env = {k: v for k, v in os.environ.items() if k not in (*self.CLEARED, "MLFLOW_TRACKING_URI")}
+        self.env |= {
+            "INPAINT_CLUSTER_DIR": str(self.cluster_dir),
+            "INPAINT_MLFLOW_DIR": str(self.mlflow_dir),
+            "PYTHONUNBUFFERED": "1",
+        }
+        self.cluster: dict[str, str] = {}  # local-cluster.sh's state file
+        self.mlflow: dict[str, str] = {}  # mlflow-server.sh's
+        self.timings: dict[str, float] = {}  # seconds per script call
+
+    def script(self, name: str, *args: str, timeout: float = 180, check: bool = True):
+        import subprocess
+        import time
+
+        started = time.monotonic()
+        proc = subprocess.run(
+            [str(self.DEPLOY / name), *args], env=self.env, capture_output=True, text=True, timeout=timeout
+        )
+        self.timings[f"{name} {args[0]}"] = time.monotonic() - started
+        assert not check or proc.returncode == 0, f"{name} {' '.join(args)}:\n{proc.stdout}\n{proc.stderr}"
+        return proc
+
+    @staticmethod
+    def read_vars(path: Path) -> dict[str, str]:
+        """A `NAME=value` file (a state file, or an env file of `export` lines) as a dict."""
+        lines = (line.removeprefix("export ") for line in path.read_text().splitlines() if not line.startswith("#"))
+        return {key: value.strip('"') for key, _, value in (line.partition("=") for line in lines) if value}
+
+    def up(self) -> None:
+        gcs_port, dashboard_port, mlflow_port = free_ports(3)
+        self.script(
+            "local-cluster.sh", "up", "--nodes", str(self.nodes), "--mode", self.mode,
+            "--port", str(gcs_port), "--dashboard-port", str(dashboard_port),
+        )  # fmt: skip
+        self.cluster = self.read_vars(self.cluster_dir / "cluster.state")
+        exported = self.read_vars(self.cluster_dir / "cluster.env")
+        self.env |= exported  # as `source cluster.env` does
+        self.dashboard = exported["RAY_API_SERVER_ADDRESS"]
+        self.script("mlflow-server.sh", "up", "--host", exported["INPAINT_SERVICE_HOST"], "--port", str(mlflow_port))
+        self.mlflow = self.read_vars(self.mlflow_dir / "mlflow.state")
+        self.tracking_uri = self.mlflow["TRACKING_URI"]
+
+    def api(self, path: str, method: str = "GET") -> dict:
+        """A call to the head node's job server (the dashboard's REST API), with the cluster's token."""
+        import json
+        import urllib.request
+
+        token = Path(self.env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+        request = urllib.request.Request(
+            f"{self.dashboard}{path}", method=method, headers={"Authorization": f"Bearer {token}"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+
+    def submit(self, entrypoint: list[str], submission_id: str, timeout: float = 300) -> tuple[str, str]:
+        """Submit with deploy/submit.sh, wait until the job ends; its final status and its logs."""
+        import time
+
+        started = time.monotonic()
+        self.script("submit.sh", "--no-wait", "--submission-id", submission_id, "--", *entrypoint, timeout=60)
+        status = "PENDING"
+        while status in ("PENDING", "RUNNING"):
+            if time.monotonic() - started > timeout:
+                self.api(f"/api/jobs/{submission_id}/stop", method="POST")
+                break
+            time.sleep(2)
+            status = self.api(f"/api/jobs/{submission_id}")["status"]
+        self.timings[f"job {submission_id}"] = time.monotonic() - started
+        return status, self.api(f"/api/jobs/{submission_id}/logs")["logs"]
+
+    def node_ips(self) -> list[str]:
+        """Each node's address, the head's first."""
+        if self.cluster["MODE"] == "netns":
+            return [f"{self.cluster['SUBNET']}.{k}" for k in range(1, self.nodes + 1)]
+        return [f"127.0.0.{k}" for k in range(1, self.nodes + 1)]
+
+    def leftovers(self) -> list[str]:
+        """What of this cluster and server still runs: processes carrying their marks or naming their
+        folders, and (netns mode) the cluster's network namespaces."""
+        import os
+        import subprocess
+
+        marks = [f"INPAINT_CLUSTER={self.cluster.get('CLUSTER_ID')}", f"INPAINT_MLFLOW={self.mlflow.get('SERVER_ID')}"]
+        folders = [str(self.root), self.cluster.get("TEMP_ROOT") or str(self.root)]
+        left, ours = [], {str(os.getpid()), str(os.getppid())}
+        for proc in Path("/proc").glob("[0-9]*"):
+            if proc.name in ours:
+                continue
+            try:
+                environ = (proc / "environ").read_bytes().split(b"\0")
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if any(mark.encode() in environ for mark in marks) or any(folder in cmdline for folder in folders):
+                left.append(f"{proc.name}: {cmdline[:150]}")
+        if self.cluster.get("MODE") == "netns":
+            namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.splitlines()
+            left += [f"namespace {line}" for line in namespaces if self.cluster["CLUSTER_ID"] in line]
+        return left
+
+    def down(self) -> None:
+        """Stop both with their scripts, then assert that nothing of theirs runs."""
+        stopped = [
+            self.script("mlflow-server.sh", "down", check=False),
+            self.script("local-cluster.sh", "down", check=False),
+        ]
+        assert all(proc.returncode == 0 for proc in stopped), [proc.stdout + proc.stderr for proc in stopped]
+        left = self.leftovers()
+        assert not left, "still running after down:\n" + "\n".join(left)
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` ports, each free along with the four above it (a cluster's GCS port P takes P+1, P+2 and, in
+    loopback mode, one more per node)."""
+    import random
+    import socket
+
+    ports: list[int] = []
+    while len(ports) < count:
+        base = random.randrange(20000, 30000, 5)
+        try:
+            for port in range(base, base + 5):
+                with socket.socket() as sock:
+                    sock.bind(("", port))
+        except OSError:
+            continue
+        if base not in ports:
+            ports.append(base)
+    return ports
+
+
+@pytest.fixture(scope="session")
+def deployment(tmp_path_factory):
+    """A two-node cluster and an MLflow server for the whole session; at its end, both are stopped by
+    their scripts and the fixture fails if any of their processes or namespaces are left."""
+    deploy = Deployment(tmp_path_factory.mktemp("deploy"))
+    try:
+        deploy.up()
+        yield deploy
+    finally:
+        deploy.down()
+
+
+@pytest.fixture(scope="session")
+def cluster_train_run(deployment, tiny_data) -> dict:
+    """`python jobs/train.py` submitted to the two-node cluster: 2 workers, 2 epochs of a small model."""
+    from helpers import SMALL_MODEL
+
+    entrypoint = ["python", "jobs/train.py", "--data", str(tiny_data), "--workers", "2", "--epochs", "2"]
+    entrypoint += ["--json", str(deployment.root / "train.json"), "--set", "tracking.run_name=cluster-train"]
+    entrypoint += ["--set", f"scaling.storage_path={deployment.root / 'checkpoints'}"]
+    entrypoint += [arg for setting in SMALL_MODEL for arg in ("--set", setting)]
+    status, logs = deployment.submit(entrypoint, "inpaint-train")
+    (deployment.root / "train-job.log").write_text(logs)
+    return {"status": status, "logs": logs, "json": deployment.root / "train.json"}
+
+
+@pytest.fixture(scope="session")
+def cluster_tune_study(deployment, tiny_data) -> dict:
+    """`python jobs/tune.py` submitted to the two-node cluster: 2 trials of 1 worker, 1 epoch each."""
+    from helpers import REPO, SMALL_MODEL
+
+    if not (REPO / "jobs" / "tune.py").exists():
+        pytest.skip("no jobs/tune.py yet")
+    space = deployment.root / "cluster-space.yaml"
+    fixed = "\n".join(f"{key}: {value}" for key, value in (setting.split("=", 1) for setting in SMALL_MODEL))
+    space.write_text(f"samples: 2\nmodel.mixer_depth: {{choice: [1, 2]}}\n{fixed}\n")
+    entrypoint = ["python", "jobs/tune.py", "--space", str(space), "--data", str(tiny_data), "--workers", "1"]
+    entrypoint += ["--json", str(deployment.root / "tune.json"), "--set", "train.epochs=1"]
+    entrypoint += ["--set", "tracking.run_name=cluster-study"]
+    entrypoint += ["--set", f"scaling.storage_path={deployment.root / 'checkpoints'}"]
+    status, logs = deployment.submit(entrypoint, "inpaint-tune")
+    (deployment.root / "tune-job.log").write_text(logs)
+    return {"status": status, "logs": logs, "json": deployment.root / "tune.json"}

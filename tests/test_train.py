@@ -7,77 +7,21 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import mlflow
-import numpy as np
 import pytest
 import torch
+from helpers import METRICS, SMALL_MODEL, finish, metric_steps, run_job
 from mlflow import MlflowClient
 
-from inpaint.data import prepare, read_split
+from inpaint.data import read_split
 from inpaint.masks import MaskConfig, apply_holes, fixed_masks
 from inpaint.metrics import MetricTotals
 from inpaint.models import model_input
 
-REPO = Path(__file__).resolve().parents[1]
-METRICS = ["train_loss", "val_loss", "val_dice", "val_psnr_hole", "val_l1_hole", "val_ssim", "images_per_s"]
-SMALL_MODEL = [
-    "model.widths=[8,16,32]",
-    "model.mixer_dim=16",
-    "train.batch_size=16",
-    "train.samples=4",
-    "masks.min_size=4",
-    "masks.max_size=12",
-]
-
 pytestmark = pytest.mark.ray
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    """104 smooth 32×32 images (CIFAR-10 python layout): 64 train, 32 validation and 8 test rows once prepared."""
-    root = tmp_path_factory.mktemp("tiny")
-    rng = np.random.default_rng(0)
-    coarse = rng.integers(0, 256, size=(104, 3, 4, 4)).astype(np.uint8)
-    images = coarse.repeat(8, axis=2).repeat(8, axis=3)  # (N, 3, 32, 32): planar, as CIFAR stores it
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir()
-    batches = {f"data_batch_{i + 1}": images[i * 16 : (i + 1) * 16] for i in range(4)}
-    batches |= {"data_batch_5": images[64:96], "test_batch": images[96:]}
-    for name, batch in batches.items():
-        (folder / name).write_bytes(pickle.dumps({b"data": batch.reshape(len(batch), -1), b"labels": [0] * len(batch)}))
-    prepare(folder, root / "prepared", val=32, progress=lambda _: None)
-    return root / "prepared"
-
-
-def run_job(args: list[str], cwd: Path, tracking_uri: str, **popen) -> subprocess.Popen:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.Popen(
-        [sys.executable, str(REPO / "jobs" / "train.py"), *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        **popen,
-    )
-
-
-def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
-    out, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, out[-4000:]
-    return out
-
-
-def metric_steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
-    return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
 def test_two_worker_run_is_tracked_and_registered(tiny_data, tmp_path):
