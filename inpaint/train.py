@@ -28,16 +28,16 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.train.torch import TorchTrainer
 
 from inpaint import tracking
+from inpaint.checkpoints import load_checkpoint_state, model_from_state, save_checkpoint_state
 from inpaint.config import Config, from_dict, load_config
 from inpaint.data import batch_to_tensor, is_prepared, prepare, read_manifest, read_split, split_files
 from inpaint.errors import UserError
 from inpaint.masks import apply_holes, fixed_masks, random_masks
 from inpaint.metrics import MetricTotals, composite, reconstruction_loss
-from inpaint.models import UNet, build_model, model_input
+from inpaint.models import build_model, model_input
 
 LOWER_IS_BETTER = {"val_loss", "val_l1_hole", "train_loss"}
 CURVES = ["train_loss", "val_loss", "val_psnr_hole", "val_dice"]  # drawn in curves.png
-CHECKPOINT_FILE = "state.pt"
 
 
 def metric_mode(metric: str) -> str:
@@ -75,18 +75,6 @@ def fill(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor) -> t
 
 def validation_holes(cfg: Config, index: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return fixed_masks(index, height, width, cfg.val_masks, cfg.train.val_seed)
-
-
-def load_checkpoint_state(path: str) -> dict[str, Any]:
-    """A checkpoint's saved state (weights only: no pickled code runs)."""
-    return torch.load(os.path.join(path, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
-
-
-def model_from_state(state: dict[str, Any]) -> UNet:
-    """The model a checkpoint holds, built from the config saved beside its weights."""
-    model = build_model(from_dict(state["config"]).model)
-    model.load_state_dict(state["model"])
-    return model.eval()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,7 +170,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
                 unwrapped = model.module if hasattr(model, "module") else model
-                torch.save(
+                save_checkpoint_state(
+                    tmp,
                     {
                         "model": unwrapped.state_dict(),
                         "optimizer": optimizer.state_dict(),
@@ -191,7 +180,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                         "config": cfg.to_dict(),
                         "metrics": metrics,
                     },
-                    os.path.join(tmp, CHECKPOINT_FILE),
                 )
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
         if rank == 0:  # after the checkpoint is safe, so a restart never logs an epoch twice

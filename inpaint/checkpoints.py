@@ -1,0 +1,34 @@
+"""What a training checkpoint holds, and the model it rebuilds: plain PyTorch, no Ray.
+
+A checkpoint is a folder with `state.pt`: {"model", "optimizer", "scheduler": state dicts, "epoch",
+"config": the whole config as a dict, "metrics": the epoch's validation metrics}. It holds tensors
+and plain values only, so it loads with `torch.load(weights_only=True)`: no pickled code runs.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from inpaint.config import from_dict
+from inpaint.models import UNet, build_model
+
+CHECKPOINT_FILE = "state.pt"
+
+
+def save_checkpoint_state(folder: str, state: dict[str, Any]) -> None:
+    torch.save(state, os.path.join(folder, CHECKPOINT_FILE))
+
+
+def load_checkpoint_state(folder: str) -> dict[str, Any]:
+    """A checkpoint's saved state (weights only: no pickled code runs)."""
+    return torch.load(os.path.join(folder, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+
+
+def model_from_state(state: dict[str, Any]) -> UNet:
+    """The model a checkpoint holds, built from the config saved beside its weights."""
+    model = build_model(from_dict(state["config"]).model)
+    model.load_state_dict(state["model"])
+    return model.eval()

@@ -1,0 +1,236 @@
+"""Evaluation: trained models beside the classical baselines, on the very same fixed holes.
+
+A method fills masked images (hole pixels 0) given their masks: `fill(masked, mask) -> RGB`, all
+tensors (N, C, H, W) in [0, 1]. It never sees the hole's content; `MetricTotals` scores its output
+composited into the known pixels. The baselines a user would otherwise reach for:
+- `zero`: the unfilled input;
+- `mean`: each image's mean colour of its known pixels;
+- `telea`, `ns`: OpenCV's inpainting (Telea's fast marching, Navier–Stokes), radius 3, on uint8 images.
+A model fills at any image size: its input is replicate-padded to a multiple of 4 and its output
+cropped back. Models are rebuilt from their config and weights (`load_model`) rather than run as the
+logged pt2 graph, which `torch.export` fixed to the training image size.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+import json
+import pickle
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from inpaint import tracking
+from inpaint.checkpoints import CHECKPOINT_FILE, load_checkpoint_state, model_from_state
+from inpaint.data import Progress, is_prepared, load_source, read_manifest, read_split
+from inpaint.errors import UserError
+from inpaint.masks import MaskConfig, apply_holes, fixed_masks
+from inpaint.metrics import METRIC_NAMES, MetricTotals, composite
+from inpaint.models import UNet, model_input
+
+Fill = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (masked (N,3,H,W), mask (N,1,H,W)) -> RGB
+
+INPAINT_RADIUS = 3  # pixels around the hole OpenCV's methods look at
+TABLE_COLUMNS = ("dice", "psnr_hole", "l1_hole", "ssim", "psnr")
+GRID_SAMPLES = 8
+
+
+# ---------------------------------------------------------------------------------------------
+# Methods
+
+
+def zero_fill(masked: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The unfilled input: the hole stays black."""
+    return torch.zeros_like(masked)
+
+
+def mean_fill(masked: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each image's mean colour over its known pixels, everywhere."""
+    known = 1 - mask
+    colour = (masked * known).sum((2, 3), keepdim=True) / known.sum((2, 3), keepdim=True).clamp(min=1)
+    return colour.expand_as(masked)
+
+
+def opencv_fill(masked: torch.Tensor, mask: torch.Tensor, method: int) -> torch.Tensor:
+    """`cv2.inpaint` with `method` (cv2.INPAINT_TELEA or cv2.INPAINT_NS), image by image, on uint8 pixels."""
+    pixels = (masked * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    holes = mask[:, 0].to(torch.uint8).numpy()
+    filled = np.stack([cv2.inpaint(p, h, INPAINT_RADIUS, method) for p, h in zip(pixels, holes, strict=True)])
+    return torch.from_numpy(filled).permute(0, 3, 1, 2).float() / 255
+
+
+BASELINES: dict[str, Fill] = {
+    "telea": functools.partial(opencv_fill, method=cv2.INPAINT_TELEA),
+    "ns": functools.partial(opencv_fill, method=cv2.INPAINT_NS),
+    "mean": mean_fill,
+    "zero": zero_fill,
+}
+
+
+@torch.no_grad()
+def model_fill(model: UNet, masked: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The network's output for any H×W: the input replicate-padded to a multiple of 4, the output cropped back."""
+    height, width = masked.shape[-2:]
+    inputs = F.pad(model_input(masked, mask), (0, -width % 4, 0, -height % 4), mode="replicate")
+    return model(inputs)[..., :height, :width]
+
+
+def load_model(uri: str, tracking_uri: str | None = None) -> UNet:
+    """The network (eval mode) of a checkpoint folder or an MLflow model URI (models:/NAME@ALIAS,
+    models:/NAME/VERSION, runs:/RUN_ID/model), rebuilt from its config so that it takes any image size."""
+    checkpoint = Path(uri)
+    if checkpoint.is_dir():
+        if not (checkpoint / CHECKPOINT_FILE).is_file():
+            raise UserError(f"{uri} holds no {CHECKPOINT_FILE}: pass a checkpoint folder (runs/NAME/checkpoint_*)")
+        try:
+            state = load_checkpoint_state(uri)
+        except (pickle.UnpicklingError, EOFError, RuntimeError):  # what torch.load raises for other files
+            raise UserError(f"{checkpoint / CHECKPOINT_FILE} is not a checkpoint written by jobs/train.py") from None
+    elif ":/" in uri:
+        weights, config = tracking.logged_model_state(uri, tracking_uri=tracking_uri)
+        state = {"model": weights, "config": config}
+    else:
+        raise UserError(
+            f"no checkpoint folder or MLflow model {uri!r}: pass models:/NAME@ALIAS, models:/NAME/VERSION, "
+            "runs:/RUN_ID/model or a checkpoint folder holding state.pt"
+        )
+    try:
+        return model_from_state(state)
+    except (KeyError, ValueError, RuntimeError) as err:  # no weights or config; a bad config; weights that don't fit
+        reason = " ".join(str(err).split())[:300]
+        raise UserError(f"{uri} is not a model this project can rebuild: {reason}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Data and holes
+
+
+def load_images(source: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+    """The images to evaluate on, uint8 (N,H,W,3), their indices (which seed their holes), and the split's name.
+
+    A prepared dataset gives its test split if it has one, else its val split; a source as
+    jobs/prepare.py takes gives its test split if it has one, else every image in it ("all").
+    """
+    if is_prepared(source):
+        split = "test" if "test" in read_manifest(source)["splits"] else "val"
+        images, index = read_split(source, split, limit=limit)
+    else:
+        splits = load_source(source, limit=limit)
+        split = "test" if "test" in splits else "all"
+        images = splits.get("test", splits["train"])[0]
+        index = np.arange(len(images))
+    if len(images) == 0:
+        raise UserError(f"the {split} split of {source} has no images; pass a dataset with images to evaluate on")
+    return images, index, split
+
+
+def holes_params(holes: MaskConfig, seed: int) -> dict[str, int | str]:
+    """The settings that fix the holes, and a phrase saying what they are."""
+    if holes.kind == "diagonal":
+        return {"kind": "diagonal", "seed": seed, "description": f"diagonal 11×11 squares, seed {seed}"}
+    sizes = f"{holes.min_size}–{holes.max_size}"
+    return {
+        "kind": "random",
+        "min_size": holes.min_size,
+        "max_size": holes.max_size,
+        "seed": seed,
+        "description": f"random squares of side {sizes} px, seed {seed}",
+    }
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N,H,W,3) → float (N,3,H,W) in [0, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring and reporting
+
+
+def evaluate(
+    methods: dict[str, Fill],
+    images: np.ndarray,
+    index: np.ndarray,
+    holes: MaskConfig,
+    seed: int,
+    batch_size: int = 256,
+    progress: Progress | None = None,
+) -> list[dict[str, float | str]]:
+    """One row per method, {"method": name, dice, psnr_hole, psnr, l1_hole, ssim}, every method on the same holes.
+
+    `progress`, if given, hears after each batch how many images are scored.
+    """
+    height, width = images.shape[1:3]
+    totals = {name: MetricTotals() for name in methods}
+    for start in range(0, len(images), batch_size):
+        target = to_tensor(images[start : start + batch_size])
+        mask = fixed_masks(index[start : start + batch_size], height, width, holes, seed)
+        masked = apply_holes(target, mask)
+        for name, fill in methods.items():
+            totals[name].update(target, fill(masked, mask), mask)
+        if progress:
+            progress(f"{start + len(target)}/{len(images)} images scored")
+    return [{"method": name, **MetricTotals.compute(t.state())} for name, t in totals.items()]
+
+
+def comparison_grid(
+    methods: dict[str, Fill], images: np.ndarray, index: np.ndarray, holes: MaskConfig, seed: int
+) -> np.ndarray:
+    """A labelled picture, a row per image: masked | each method's fill (composited) | ground truth."""
+    target = to_tensor(images)
+    mask = fixed_masks(index, *images.shape[1:3], holes, seed)
+    masked = apply_holes(target, mask)
+    filled = [composite(fill(masked, mask), target, mask) for fill in methods.values()]
+    return tracking.picture_grid([masked, *filled, target], ["masked", *methods, "ground truth"], mask=mask)
+
+
+def markdown_table(rows: list[dict[str, float | str]]) -> str:
+    lines = ["| method | " + " | ".join(TABLE_COLUMNS) + " |", "|---" * (len(TABLE_COLUMNS) + 1) + "|"]
+    for row in rows:
+        # PSNRs in dB to 2 decimals, the [0, 1] scores to 4
+        cells = [f"{row[c]:.2f}" if c.startswith("psnr") else f"{row[c]:.4f}" for c in TABLE_COLUMNS]
+        lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def csv_table(rows: list[dict[str, float | str]]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, ["method", *METRIC_NAMES], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def log_evaluation(report: dict, picture: np.ndarray, tracking_uri: str, experiment: str, run_name: str) -> str:
+    """An MLflow run of `report`: its settings as params, `<method>_<metric>` metrics, the table as
+    markdown, CSV and JSON, and the picture. Returns the run id."""
+    params = {key: report[key] for key in ("models", "data", "split", "images", "holes")}
+    run_id = tracking.start_run(tracking_uri, experiment, run_name, params)
+    rows = report["rows"]
+    metrics = {f"{row['method']}_{name}": row[name] for row in rows for name in METRIC_NAMES}
+    tracking.log_metrics(run_id, metrics, step=0, tracking_uri=tracking_uri)
+    tracking.log_text(run_id, markdown_table(rows), "table.md", tracking_uri=tracking_uri)
+    tracking.log_text(run_id, csv_table(rows), "table.csv", tracking_uri=tracking_uri)
+    tracking.log_text(run_id, json.dumps(report, indent=2), "evaluation.json", tracking_uri=tracking_uri)
+    tracking.log_picture(run_id, picture, "samples.png", tracking_uri=tracking_uri)
+    tracking.end_run(run_id, tracking_uri=tracking_uri)
+    return run_id
+
+
+# ---------------------------------------------------------------------------------------------
+# One user image
+
+
+def inpaint_image(model: UNet, image: np.ndarray, hole: np.ndarray) -> np.ndarray:
+    """`image` uint8 (H,W,3) with the pixels where `hole` (H,W) is true filled by `model`; the others unchanged."""
+    target = to_tensor(image[None])
+    mask = torch.from_numpy(hole[None, None]).float()
+    pred = model_fill(model, apply_holes(target, mask), mask)
+    filled = (pred[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    return np.where(hole[..., None], filled, image)

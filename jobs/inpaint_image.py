@@ -1,0 +1,66 @@
+"""Fill the holes of an image file with a trained model: white pixels of the mask are the holes.
+
+python jobs/inpaint_image.py --model models:/inpaint-fused-unet@champion --image in.png --mask holes.png --out out.png
+
+Any image size works (the network runs on the image replicate-padded to a multiple of 4, then
+cropped back); pixels outside the holes are written unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from inpaint import tracking
+from inpaint.errors import UserError, cli_errors
+from inpaint.evaluate import inpaint_image, load_model
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--model",
+        required=True,
+        metavar="URI",
+        help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, or a checkpoint folder (with state.pt)",
+    )
+    parser.add_argument("--image", required=True, type=Path, help="the image to fill (PNG, JPEG, ...)")
+    parser.add_argument("--mask", required=True, type=Path, help="same size as the image; white (>127) = hole")
+    parser.add_argument("--out", required=True, type=Path, help="where to write the filled image (PNG)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite)")
+    return parser.parse_args(argv)
+
+
+def read_image(path: Path, mode: str) -> np.ndarray:
+    """The picture at `path` converted to `mode` ("RGB", or "L" for grey), as a uint8 array."""
+    try:
+        with Image.open(path) as image:
+            return np.array(image.convert(mode))  # a writable copy, as torch wants
+    except FileNotFoundError:
+        raise UserError(f"no file {path}: check the path") from None
+    except (UnidentifiedImageError, OSError) as err:
+        raise UserError(f"cannot read {path} as an image ({err}); pass a PNG or JPEG file") from None
+
+
+@cli_errors
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    image = read_image(args.image, "RGB")
+    hole = read_image(args.mask, "L") > 127
+    if hole.shape != image.shape[:2]:
+        (height, width), (mask_height, mask_width) = image.shape[:2], hole.shape
+        raise UserError(
+            f"the mask {args.mask} is {mask_width}x{mask_height} but the image {args.image} is {width}x{height}; "
+            "draw the mask at the image's size"
+        )
+    model = load_model(args.model, tracking.resolve_tracking_uri(args.tracking_uri))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(inpaint_image(model, image, hole)).save(args.out, format="PNG")
+    print(f"{args.out}: {int(hole.sum())} hole pixels of {image.shape[1]}x{image.shape[0]} filled")
+
+
+if __name__ == "__main__":
+    main()
