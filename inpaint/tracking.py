@@ -33,6 +33,8 @@ from matplotlib.ticker import MaxNLocator
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types import Schema, TensorSpec
 from PIL import Image, ImageDraw, ImageFont
 
 from inpaint.errors import UserError
@@ -384,6 +386,15 @@ def model_requirements() -> list[str]:
     return [f"--extra-index-url {CPU_TORCH_INDEX}", f"torch=={torch.__version__.split('+')[0]}+cpu"]
 
 
+def any_size_signature(in_channels: int, out_channels: int) -> ModelSignature:
+    """(N, C, H, W) float32 in and out with N, H and W free: an inferred signature would fix H and W, and
+    torch.export would then build a graph for the example's image size only."""
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, in_channels, -1, -1))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, out_channels, -1, -1))]),
+    )
+
+
 def log_model(
     run_id: str,
     model: torch.nn.Module,
@@ -395,9 +406,10 @@ def log_model(
 ) -> str:
     """Log `model` to the run (left RUNNING), register it under `registered_name` if given, tag it.
 
-    Saved with `torch.export` in eval mode, with the signature inferred from `input_example` (N, C, H, W)
-    float32 and the model's output; loads with `mlflow.pytorch.load_model` (a torch.fx GraphModule:
-    call it, but not `.eval()`, which it refuses) or `mlflow.pyfunc.load_model`. Returns
+    Saved with `torch.export` in eval mode, with a signature whose batch, height and width are free
+    (`input_example` (N, C, H, W) float32 only fixes the channels), so the graph takes any image size
+    divisible by 4. Loads with `mlflow.pytorch.load_model` (a torch.fx GraphModule: call it, but not
+    `.eval()`, which it refuses) or `mlflow.pyfunc.load_model`. Returns
     `models:/NAME/VERSION`, or the logged model's URI if not registered.
     """
     if tracking_uri is not None:
@@ -423,6 +435,7 @@ def log_model(
             model,
             name=MODEL_NAME,
             input_example=input_example,
+            signature=any_size_signature(input_example.shape[1], 3),
             serialization_format="pt2",  # MLflow's default outside Databricks; loading pickles needs an opt-in
             # The pt2 graph loads without our code; the source goes along so the model can be rebuilt.
             code_paths=[str(PACKAGE_DIR)],
