@@ -217,7 +217,9 @@ def _experiment_id(client: MlflowClient, tracking_uri: str, name: str) -> str:
 
 
 def _secret_env_values() -> list[str]:
-    return [value for key, value in os.environ.items() if SECRET_NAME.search(key) and len(value) >= 8]
+    # a copy of the names first: MLflow's telemetry thread may unset a variable while we look
+    values = {key: os.environ.get(key) for key in list(os.environ) if SECRET_NAME.search(key)}
+    return [value for value in values.values() if value and len(value) >= 8]
 
 
 def _is_secret(name: str, value: Any) -> bool:

@@ -129,10 +129,10 @@ class Deployment:
     DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
     CLEARED = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 
-    def __init__(self, root: Path, nodes: int = 2, mode: str = "auto"):
+    def __init__(self, root: Path, nodes: int = 2, cpus_per_node: int = 2, mode: str = "auto"):
         import os
 
-        self.root, self.nodes, self.mode = root, nodes, mode
+        self.root, self.nodes, self.cpus_per_node, self.mode = root, nodes, cpus_per_node, mode
         self.cluster_dir, self.mlflow_dir = root / "cluster", root / "mlflow"
         self.env = {k: v for k, v in os.environ.items() if k not in (*self.CLEARED, "MLFLOW_TRACKING_URI")}
         self.env |= {
@@ -165,7 +165,8 @@ class Deployment:
     def up(self) -> None:
         gcs_port, dashboard_port, mlflow_port = free_ports(3)
         self.script(
-            "local-cluster.sh", "up", "--nodes", str(self.nodes), "--mode", self.mode,
+            "local-cluster.sh", "up", "--nodes", str(self.nodes), "--cpus-per-node", str(self.cpus_per_node),
+            "--mode", self.mode,
             "--port", str(gcs_port), "--dashboard-port", str(dashboard_port),
         )  # fmt: skip
         self.cluster = self.read_vars(self.cluster_dir / "cluster.state")
@@ -234,8 +235,16 @@ class Deployment:
             left += [f"namespace {line}" for line in namespaces if self.cluster["CLUSTER_ID"] in line]
         return left
 
+    def mlflow_up(self) -> str:
+        """The MLflow server's URI, starting it again (on 127.0.0.1, the same runs) if `down` stopped it."""
+        if not self.mlflow_dir.joinpath("mlflow.state").exists():
+            self.script("mlflow-server.sh", "up", "--port", str(free_ports(1)[0]))
+            self.mlflow = self.read_vars(self.mlflow_dir / "mlflow.state")
+            self.tracking_uri = self.mlflow["TRACKING_URI"]
+        return self.tracking_uri
+
     def down(self) -> None:
-        """Stop both with their scripts, then assert that nothing of theirs runs."""
+        """Stop both with their scripts (if up), then assert that nothing of theirs runs."""
         stopped = [
             self.script("mlflow-server.sh", "down", check=False),
             self.script("local-cluster.sh", "down", check=False),
@@ -267,22 +276,25 @@ def free_ports(count: int) -> list[int]:
 
 @pytest.fixture(scope="session")
 def deployment(tmp_path_factory):
-    """A two-node cluster and an MLflow server for the whole session; at its end, both are stopped by
-    their scripts and the fixture fails if any of their processes or namespaces are left."""
+    """A cluster of two nodes × 2 CPUs and an MLflow server; at the end both are stopped by their scripts, and the
+    fixture fails if any of their processes or namespaces are left."""
     deploy = Deployment(tmp_path_factory.mktemp("deploy"))
     try:
         deploy.up()
         yield deploy
-    finally:
+    finally:  # (tests/test_cluster.py's last test takes them down already, so the rest of the session runs without)
         deploy.down()
+        print("\ndeploy/ steps (s):", {step: round(seconds, 1) for step, seconds in deploy.timings.items()})
 
 
 @pytest.fixture(scope="session")
 def cluster_train_run(deployment, tiny_data) -> dict:
-    """`python jobs/train.py` submitted to the two-node cluster: 2 workers, 2 epochs of a small model."""
+    """`python jobs/train.py` submitted to the two-node cluster: 2 workers of 2 CPUs (so one per node),
+    2 epochs of a small model."""
     from helpers import SMALL_MODEL
 
     entrypoint = ["python", "jobs/train.py", "--data", str(tiny_data), "--workers", "2", "--epochs", "2"]
+    entrypoint += ["--set", f"scaling.cpus_per_worker={deployment.cpus_per_node}"]
     entrypoint += ["--json", str(deployment.root / "train.json"), "--set", "tracking.run_name=cluster-train"]
     entrypoint += ["--set", f"scaling.storage_path={deployment.root / 'checkpoints'}"]
     entrypoint += [arg for setting in SMALL_MODEL for arg in ("--set", setting)]
@@ -293,7 +305,8 @@ def cluster_train_run(deployment, tiny_data) -> dict:
 
 @pytest.fixture(scope="session")
 def cluster_tune_study(deployment, tiny_data) -> dict:
-    """`python jobs/tune.py` submitted to the two-node cluster: 2 trials of 1 worker, 1 epoch each."""
+    """`python jobs/tune.py` submitted to the two-node cluster: 2 trials side by side, of 1 worker of 1 CPU
+    and 1 epoch each."""
     from helpers import REPO, SMALL_MODEL
 
     if not (REPO / "jobs" / "tune.py").exists():
