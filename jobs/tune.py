@@ -1,0 +1,96 @@
+"""Search model and training settings with Ray Tune: one TorchTrainer per trial, ASHA early stopping,
+one MLflow parent run with a child run per trial, the best model registered as models:/NAME@best.
+
+python jobs/tune.py --space tune_spaces/quick.yaml --data ../shared/data/cifar10
+python jobs/tune.py --space tune_spaces/full.yaml --data DIR --samples 32 --metric val_dice --json best.json
+python jobs/tune.py --space tune_spaces/quick.yaml --data DIR --resume     # go on with a stopped study
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from inpaint import tracking
+from inpaint.config import VAL_METRICS, load_config
+from inpaint.errors import cli_errors
+from inpaint.tune import load_space, run_study
+
+DEFAULT_SAMPLES = 8  # for a space file that does not say
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--space", required=True, help="a search-space YAML file (see tune_spaces/)")
+    parser.add_argument(
+        "--data", help="a prepared dataset, or any source jobs/prepare.py takes (default: $INPAINT_DATA)"
+    )
+    parser.add_argument(
+        "--samples",
+        type=int,
+        help="trials to sample (default: the space's `samples`, else 8; --resume keeps the study's)",
+    )
+    parser.add_argument(
+        "--metric", choices=VAL_METRICS, help="what ASHA and the best trial go by (default: val_psnr_hole)"
+    )
+    parser.add_argument("--config", help="a YAML config file every trial starts from (see configs/)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config value")
+    parser.add_argument("--workers", type=int, help="Ray Train workers per trial (scaling.workers)")
+    parser.add_argument("--limit", type=int, help="keep the first N source images (data.limit)")
+    parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite)")
+    parser.add_argument("--resume", action="store_true", help="go on with this space's stopped study")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="write the best config, its metrics and model URI")
+    return parser.parse_args(argv)
+
+
+@cli_errors
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    space = load_space(args.space)  # a bad space stops here, before anything starts
+    flags = {
+        "data.path": args.data,
+        "train.best_metric": args.metric,
+        "scaling.workers": args.workers,
+        "data.limit": args.limit,
+        "scaling.address": args.address,
+        "tracking.tracking_uri": args.tracking_uri,
+    }
+    overrides = [
+        *space.overrides(),
+        *args.set,
+        *(f"{key}={value}" for key, value in flags.items() if value is not None),
+    ]
+    cfg = load_config(args.config, overrides)
+    try:
+        result = run_study(space, cfg, samples=args.samples or space.samples or DEFAULT_SAMPLES, resume=args.resume)
+    except KeyboardInterrupt:
+        raise SystemExit("stopped: run the same command with --resume to go on with the study") from None
+
+    uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
+    print(f"\nstudy {result.name}, best first:\n{result.table}\n")
+    rows = [
+        ("best trial", result.best_trial_id),
+        ("best config", " ".join(f"{key}={value}" for key, value in result.best_config.items())),
+        *((name, f"{value:.4f}") for name, value in result.metrics.items()),
+        ("MLflow study", f"runs:/{result.parent_run_id}"),
+        ("MLflow best", f"runs:/{result.best_run_id}"),
+        ("model", result.model_uri),
+        ("open the UI", tracking.ui_command(uri)),
+    ]
+    width = max(len(name) for name, _ in rows)
+    print("\n".join(f"{name:<{width}}  {value}" for name, value in rows))
+    if args.json:
+        summary = {
+            "parent_run_id": result.parent_run_id,
+            "best_run_id": result.best_run_id,
+            "best_config": result.best_config,
+            **result.metrics,
+            "model_uri": result.model_uri,
+        }
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""Tune studies: search-space files (fast, no Ray), then real studies run as a user runs them,
+`python jobs/tune.py ...`, with their own local Ray and a real MLflow SQLite store."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from helpers import REPO, SMALL_MODEL, finish, metric_steps, run_job
+from mlflow import MlflowClient
+
+from inpaint.config import load_config
+from inpaint.errors import UserError
+from inpaint.tune import check_space, load_space
+
+# Small networks for 2 epochs, three trials. The third barely learns (lr 1e-7): whichever of the
+# first two reports first, its first epoch falls below ASHA's cutoff, so it is stopped early.
+FIXED = "\n".join(f"{key}: {value}" for key, value in (setting.split("=", 1) for setting in SMALL_MODEL))
+STUDY_SPACE = f"train.epochs: 2\n{FIXED}\ntrain.lr: {{grid: [3.0e-3, 1.0e-3, 1.0e-7]}}\n"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Search-space files
+
+
+def test_space_file_reads_searched_and_fixed_keys(tmp_path):
+    space = load_space(
+        write(
+            tmp_path,
+            "samples: 5\nmodel.mixer_depth: {randint: [1, 8]}\nmodel.fusion: {choice: [concat, add]}\n"
+            "train.lr: {loguniform: [1e-4, 1e-2]}\nmasks.min_size: {grid: [4, 6]}\n"
+            "train.epochs: 3\nmodel.widths: [8, 16, 32]\n",
+        )
+    )
+    assert space.samples == 5 and space.name == "space"
+    assert space.fixed == {"train.epochs": 3, "model.widths": [8, 16, 32]}
+    assert space.overrides() == ["train.epochs=3", "model.widths=[8, 16, 32]"]
+    assert space.searched["train.lr"].args == [1e-4, 1e-2]  # YAML reads 1e-4 as a string
+    domains = space.param_space()
+    assert (domains["model.mixer_depth"].lower, domains["model.mixer_depth"].upper) == (1, 9)  # 8 included
+    assert domains["model.fusion"].categories == ["concat", "add"]
+    assert domains["masks.min_size"] == {"grid_search": [4, 6]}
+    assert str(space.searched["model.fusion"]) == '{choice: ["concat", "add"]}'
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            "model.mixer_dept: {randint: [1, 8]}",
+            "unknown config key 'model.mixer_dept'; did you mean 'model.mixer_depth'",
+        ),
+        ("model.mixer_depth: {randit: [1, 8]}", "model.mixer_depth: unknown primitive 'randit'"),
+        ("model.mixer_depth: {randint: [8, 8]}", "model.mixer_depth: empty range [8, 8]"),
+        ("train.lr: {uniform: [0.1, 0.01]}", "train.lr: empty range [0.1, 0.01]"),
+        ("model.fusion: {choice: []}", "model.fusion: choice needs a non-empty list"),
+        ("model.mixer_depth: {randint: [1.5, 4]}", "model.mixer_depth: randint needs integers"),
+        ("train.lr: {loguniform: [0, 0.1]}", "train.lr: loguniform needs 0 < lo"),
+        ("model.fusion: {choice: [add], grid: [concat]}", "model.fusion must be a plain value or one of"),
+        ("train.epochs: {choice: [1, 2]}", "train.epochs cannot be searched"),
+        ("data.limit: {choice: [100, 200]}", "data.limit cannot be searched"),
+        ("model.fusion: {choice: [add]\ntrain.lr: 1", "is not valid YAML (line 2)"),
+        ("[model.fusion]", "must map config keys to values"),
+        ("samples: 0\nmodel.fusion: {choice: [add]}", "samples must be a positive integer"),
+        ("train.epochs: 2", "searches nothing"),
+    ],
+)
+def test_bad_space_file_is_refused_naming_the_key(tmp_path, text, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_space(write(tmp_path, text))
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("model.mixer_kernel_size: {choice: [3, 4]}", "model.mixer_kernel_size = 4 cannot train"),
+        ("model.mixer_depth: {uniform: [1, 4]}", "model.mixer_depth = 1.0 cannot train"),
+        ("model.fusion: {choice: [add, sum]}", "model.fusion = 'sum' cannot train"),
+        ("masks.min_size: {randint: [4, 12]}\nmasks.max_size: {randint: [8, 16]}", "masks.min_size reaches 12"),
+        ("masks.max_size: {randint: [4, 12]}", "masks.max_size goes down to 4"),  # min_size stays 8
+    ],
+)
+def test_space_values_that_cannot_train_are_refused_naming_the_key(tmp_path, text, message):
+    space = load_space(write(tmp_path, text))
+    with pytest.raises(UserError, match=re.escape(message)):
+        check_space(space, load_config(None, space.overrides()))
+
+
+def test_bad_space_file_stops_the_job_in_one_line_before_ray_starts(tmp_path):
+    space = write(tmp_path, "model.mixer_depth: {randint: [4, 1]}\n")
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "tune.py"), "--space", str(space), "--data", str(tmp_path)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: {space}: model.mixer_depth: empty range [4, 1]: lo must be below hi (a plain value fixes the key)"
+    ]
+    assert "Traceback" not in out and "Started a local Ray" not in out and time.monotonic() - started < 60
+
+
+# ---------------------------------------------------------------------------------------------
+# Real studies
+
+
+def study_args(tiny_data: Path, *extra: str) -> list[str]:
+    return ["--space", "space.yaml", "--data", str(tiny_data), "--workers", "1", "--samples", "1", *extra]
+
+
+@pytest.fixture(scope="module")
+def study(tiny_data, tmp_path_factory) -> dict:
+    """A study of 3 trials (1 worker each, 2 at a time on 2 cores), as `python jobs/tune.py` runs it."""
+    root = tmp_path_factory.mktemp("study")
+    write(root, STUDY_SPACE)
+    uri = f"sqlite:///{root}/mlflow.db"
+    started = time.monotonic()
+    out = finish(run_job(study_args(tiny_data, "--json", "best.json"), root, uri, job="tune.py"), timeout=600)
+    print(f"\nstudy of 3 trials: {time.monotonic() - started:.0f} s")
+    return {"out": out, "uri": uri, "json": json.loads((root / "best.json").read_text())}
+
+
+def assert_every_epoch_once(client: MlflowClient, run, key: str, all_of: bool) -> None:
+    """The run's `key` at epochs 1, 2, ... once each: both epochs if `all_of`. A trial ASHA stops
+    after epoch 1 may still log epoch 2 if it ends before its actor does (tiny data: an epoch is 1 s)."""
+    steps = metric_steps(client, run.info.run_id, key)
+    assert steps in (([1, 2],) if all_of else ([1], [1, 2])), (key, steps, run.data.tags)
+
+
+def children_of(client: MlflowClient, parent_run_id: str) -> list:
+    experiment = client.get_run(parent_run_id).info.experiment_id
+    return client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
+
+
+@pytest.mark.ray
+def test_study_is_one_parent_run_with_a_child_per_trial(study):
+    client = MlflowClient(study["uri"])
+    parent = client.get_run(study["json"]["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "tune-space"
+    assert parent.data.params["search.train.lr"] == "{grid: [0.003, 0.001, 1e-07]}"
+    assert "train.lr" not in parent.data.params  # searched: each child has its own
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"results.md", "trials.png", "space.yaml"}
+
+    children = children_of(client, parent.info.run_id)
+    assert sorted(float(child.data.params["train.lr"]) for child in children) == [1e-7, 1e-3, 3e-3]
+    for child in children:
+        assert child.info.status == "FINISHED", child.info
+        for key in ("val_dice", "val_psnr_hole", "train_loss"):
+            assert_every_epoch_once(client, child, key, all_of=child.data.tags["stopped_early"] == "false")
+    stopped = [child for child in children if child.data.tags["stopped_early"] == "true"]
+    assert stopped, f"ASHA stopped no trial:\n{study['out'].split('best first:')[1]}"
+    found = client.search_runs([parent.info.experiment_id], filter_string="metrics.val_dice > 0")
+    assert {child.info.run_id for child in children} <= {run.info.run_id for run in found}
+
+    table = study["out"].split("best first:\n")[1]
+    assert table.startswith("| trial ") and "train.lr" in table.splitlines()[0]
+    assert len([line for line in table.splitlines() if line.startswith("| ")]) == 2 + 3  # header, rule, trials
+
+
+@pytest.mark.ray
+def test_best_trial_is_registered_with_the_alias_best(study, tiny_data):
+    client, result = MlflowClient(study["uri"]), study["json"]
+    children = children_of(client, result["parent_run_id"])
+    best_value = {
+        child.info.run_id: max(m.value for m in client.get_metric_history(child.info.run_id, "val_psnr_hole"))
+        for child in children
+    }
+    assert result["best_run_id"] == max(best_value, key=best_value.get)
+    assert result["val_psnr_hole"] == pytest.approx(best_value[result["best_run_id"]])
+    best_lr = float(client.get_run(result["best_run_id"]).data.params["train.lr"])
+    assert result["best_config"] == {"train.lr": best_lr}
+    assert client.get_run(result["parent_run_id"]).data.tags["best_run_id"] == result["best_run_id"]
+
+    assert result["model_uri"] == "models:/inpaint-fused-unet@best"
+    version = client.get_model_version_by_alias("inpaint-fused-unet", "best")
+    assert version.run_id == result["best_run_id"]
+    assert float(version.tags["val_psnr_hole"]) == pytest.approx(result["val_psnr_hole"], abs=1e-4)
+    assert float(version.tags["val_dice"]) == pytest.approx(result["val_dice"], abs=1e-4)
+    mlflow.set_tracking_uri(study["uri"])
+    model = mlflow.pytorch.load_model(result["model_uri"])
+    with torch.no_grad():
+        assert model(torch.rand(2, 4, 32, 32)).shape == (2, 3, 32, 32)
+
+
+@pytest.mark.ray
+def test_stopped_study_resumes_without_running_finished_trials_again(tiny_data, tmp_path):
+    write(tmp_path, STUDY_SPACE)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    proc = run_job(study_args(tiny_data), tmp_path, uri, job="tune.py", start_new_session=True)
+    client, finished, deadline = MlflowClient(uri), [], time.monotonic() + 300
+    while not finished:  # stop the study as a user would (Ctrl-C) once a trial has finished
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        time.sleep(2)
+        if client.get_experiment_by_name("inpaint"):
+            finished = client.search_runs(
+                [client.get_experiment_by_name("inpaint").experiment_id],
+                filter_string="tags.tune_trial_id != '' and attributes.status = 'FINISHED'",
+            )
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "--resume" in out, out[-3000:]
+    runs = client.search_runs([finished[0].info.experiment_id])
+    assert {run.info.status for run in runs} <= {"FINISHED", "KILLED"}  # none left RUNNING
+    done = {run.data.tags["tune_trial_id"] for run in finished}
+
+    out = finish(
+        run_job(study_args(tiny_data, "--resume", "--json", "best.json"), tmp_path, uri, job="tune.py"), timeout=600
+    )
+    assert not any(f"trial {trial_id}:" in out for trial_id in done)  # finished trials did not run again
+    result = json.loads((tmp_path / "best.json").read_text())
+    children = children_of(client, result["parent_run_id"])
+    assert len(children) == 3 and all(child.info.status == "FINISHED" for child in children)
+    for child in children:
+        assert_every_epoch_once(client, child, "val_loss", all_of=child.data.tags["stopped_early"] == "false")
+    assert client.get_run(result["parent_run_id"]).info.status == "FINISHED"
+    assert client.get_model_version_by_alias("inpaint-fused-unet", "best").run_id == result["best_run_id"]
