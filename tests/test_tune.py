@@ -4,9 +4,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -200,37 +198,3 @@ def test_best_trial_is_registered_with_the_alias_best(study, tiny_data):
     model = mlflow.pytorch.load_model(result["model_uri"])
     with torch.no_grad():
         assert model(torch.rand(2, 4, 32, 32)).shape == (2, 3, 32, 32)
-
-
-@pytest.mark.ray
-def test_stopped_study_resumes_without_running_finished_trials_again(tiny_data, tmp_path):
-    write(tmp_path, STUDY_SPACE)
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    proc = run_job(study_args(tiny_data), tmp_path, uri, job="tune.py", start_new_session=True)
-    client, finished, deadline = MlflowClient(uri), [], time.monotonic() + 300
-    while not finished:  # stop the study as a user would (Ctrl-C) once a trial has finished
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
-        time.sleep(2)
-        if client.get_experiment_by_name("inpaint"):
-            finished = client.search_runs(
-                [client.get_experiment_by_name("inpaint").experiment_id],
-                filter_string="tags.tune_trial_id != '' and attributes.status = 'FINISHED'",
-            )
-    os.killpg(proc.pid, signal.SIGINT)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode != 0 and "--resume" in out, out[-3000:]
-    runs = client.search_runs([finished[0].info.experiment_id])
-    assert {run.info.status for run in runs} <= {"FINISHED", "KILLED"}  # none left RUNNING
-    done = {run.data.tags["tune_trial_id"] for run in finished}
-
-    out = finish(
-        run_job(study_args(tiny_data, "--resume", "--json", "best.json"), tmp_path, uri, job="tune.py"), timeout=600
-    )
-    assert not any(f"trial {trial_id}:" in out for trial_id in done)  # finished trials did not run again
-    result = json.loads((tmp_path / "best.json").read_text())
-    children = children_of(client, result["parent_run_id"])
-    assert len(children) == 3 and all(child.info.status == "FINISHED" for child in children)
-    for child in children:
-        assert_every_epoch_once(client, child, "val_loss", all_of=child.data.tags["stopped_early"] == "false")
-    assert client.get_run(result["parent_run_id"]).info.status == "FINISHED"
-    assert client.get_model_version_by_alias("inpaint-fused-unet", "best").run_id == result["best_run_id"]
