@@ -41,13 +41,13 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallba
 from ray.tune.schedulers import ASHAScheduler
 
 from inpaint import tracking
+from inpaint.checkpoints import load_checkpoint_state
 from inpaint.config import Config, get, load_config
 from inpaint.errors import UserError
 from inpaint.train import (
     check_cluster_fits,
     check_holes_fit,
     connect_ray,
-    load_checkpoint_state,
     log_checkpoint_model,
     make_trainer,
     metric_mode,
@@ -501,9 +501,19 @@ def close_child_runs(
                 )
             status = "KILLED" if interrupted else "FINISHED" if outcome and not outcome.failed else "FAILED"
             tracking.end_run(run_id, status, tracking_uri=study.tracking_uri)
-        if outcome and not interrupted:
-            client.set_tag(run_id, "stopped_early", str(outcome.stopped_early(epochs)).lower())
+        if not interrupted:
+            client.set_tag(run_id, "stopped_early", str(stopped_early(client, run_id, outcome, epochs)).lower())
     return children
+
+
+def stopped_early(client: MlflowClient, run_id: str, outcome: TrialOutcome | None, epochs: int) -> bool:
+    """Whether ASHA stopped the trial: from Tune's record of it, else (a trial this driver never saw
+    report, as after the driver was killed) from the epochs its run logged."""
+    if outcome:
+        return outcome.stopped_early(epochs)
+    run = client.get_run(run_id)
+    logged = client.get_metric_history(run_id, "val_loss")
+    return run.info.status != "FAILED" and max((m.step for m in logged), default=0) < epochs
 
 
 def finish_study(study: Study, outcomes: list[TrialOutcome], children: dict[str, str], keys: list[str]) -> StudyResult:

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -179,10 +181,13 @@ def test_study_is_one_parent_run_with_a_child_per_trial(study):
 def test_best_trial_is_registered_with_the_alias_best(study, tiny_data):
     client, result = MlflowClient(study["uri"]), study["json"]
     children = children_of(client, result["parent_run_id"])
-    best_value = {
-        child.info.run_id: max(m.value for m in client.get_metric_history(child.info.run_id, "val_psnr_hole"))
-        for child in children
-    }
+
+    def best_seen(child) -> float:  # by the study: a stopped trial's ends at epoch 1, ASHA's only rung here
+        stopped = child.data.tags["stopped_early"] == "true"
+        history = client.get_metric_history(child.info.run_id, "val_psnr_hole")
+        return max(m.value for m in history if not stopped or m.step == 1)
+
+    best_value = {child.info.run_id: best_seen(child) for child in children}
     assert result["best_run_id"] == max(best_value, key=best_value.get)
     assert result["val_psnr_hole"] == pytest.approx(best_value[result["best_run_id"]])
     best_lr = float(client.get_run(result["best_run_id"]).data.params["train.lr"])
@@ -198,3 +203,40 @@ def test_best_trial_is_registered_with_the_alias_best(study, tiny_data):
     model = mlflow.pytorch.load_model(result["model_uri"])
     with torch.no_grad():
         assert model(torch.rand(2, 4, 32, 32)).shape == (2, 3, 32, 32)
+
+
+@pytest.mark.ray
+def test_killed_study_resumes_without_running_finished_trials_again(tiny_data, tmp_path):
+    """The study's driver (and the local Ray it started) killed with SIGKILL once a trial has finished
+    and Tune has saved its state: `--resume` finishes the study, running no finished trial again."""
+    write(tmp_path, STUDY_SPACE)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = study_args(tiny_data, "--samples", "2")  # 6 trials: the study is still going when it is killed
+    proc = run_job(args, tmp_path, uri, job="tune.py", start_new_session=True)
+    client, finished, deadline = MlflowClient(uri), [], time.monotonic() + 300
+    while not finished:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(1)
+        if client.get_experiment_by_name("inpaint"):
+            finished = client.search_runs(
+                [client.get_experiment_by_name("inpaint").experiment_id],
+                filter_string="tags.tune_trial_id != '' and attributes.status = 'FINISHED'",
+            )
+    seen_finished = time.time()
+    states = tmp_path / "runs" / "tune-space"
+    while not any(state.stat().st_mtime > seen_finished for state in states.glob("experiment_state-*.json")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    done = {run.data.tags["tune_trial_id"] for run in finished}
+
+    out = finish(run_job([*args, "--resume", "--json", "best.json"], tmp_path, uri, job="tune.py"), timeout=600)
+    assert not any(f"trial {trial_id}:" in out for trial_id in done), out[-3000:]  # finished: not run again
+    result = json.loads((tmp_path / "best.json").read_text())
+    children = children_of(client, result["parent_run_id"])
+    assert len(children) == 6 and all(child.info.status == "FINISHED" for child in children), children
+    for child in children:
+        assert_every_epoch_once(client, child, "val_loss", all_of=child.data.tags["stopped_early"] == "false")
+    assert client.get_run(result["parent_run_id"]).info.status == "FINISHED"
+    assert client.get_model_version_by_alias("inpaint-fused-unet", "best").run_id == result["best_run_id"]
