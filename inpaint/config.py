@@ -51,6 +51,8 @@ class TrainConfig:
     val_seed: int = 1234  # the fixed validation holes
     samples: int = 8  # validation images shown in the per-epoch picture
     best_metric: str = "val_psnr_hole"  # picks the epoch whose model is registered
+    precision: str = "fp32"  # "bf16": forward and loss under CPU bf16 autocast (weights, Adam, validation stay fp32)
+    channels_last: bool = False  # NHWC weights and activations, the layout oneDNN's CPU kernels prefer
 
 
 @dataclass
@@ -95,6 +97,7 @@ class Config:
             ("train.schedule", self.train.schedule in ("constant", "cosine"), "must be constant or cosine"),
             ("train.loss", self.train.loss in LOSSES, f"must be one of {', '.join(LOSSES)}"),
             ("train.best_metric", self.train.best_metric in VAL_METRICS, f"must be one of {', '.join(VAL_METRICS)}"),
+            ("train.precision", self.train.precision in ("fp32", "bf16"), "must be fp32 or bf16"),
             ("scaling.workers", self.scaling.workers >= 1, "must be at least 1 (a positive worker count)"),
             ("scaling.cpus_per_worker", self.scaling.cpus_per_worker > 0, "must be positive"),
             ("data.val", self.data.val >= 1, "must be at least 1"),

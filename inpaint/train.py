@@ -67,6 +67,11 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, steps_per_epoch: int):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
 
 
+def autocast(cfg: Config) -> torch.autocast:
+    """The training forward pass's precision: bf16 autocast on the CPU for `train.precision: bf16`."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
+
+
 @torch.no_grad()
 def fill(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """The network's output for images with these holes (raw output; metrics composite it)."""
@@ -100,6 +105,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     torch.manual_seed(cfg.train.seed)  # same initial weights on every worker
     model = build_model(cfg.model)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     optimizer, scheduler = build_optimizer(model, cfg, steps_per_epoch)
     start_epoch = 1
     checkpoint = ray.train.get_checkpoint()
@@ -111,6 +118,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         scheduler.load_state_dict(state["scheduler"])
         start_epoch = state["epoch"] + 1
         if rank == 0:  # the run may have stopped between the checkpoint and its MLflow metrics
+            print(f"resumed from the checkpoint of epoch {state['epoch']}", flush=True)
             tracking.log_metrics_once(run_id, state["metrics"], step=state["epoch"], tracking_uri=tracking_uri)
     model = ray.train.torch.prepare_model(model)
     samples = read_split(loop_config["data"], "val", limit=cfg.train.samples) if rank == 0 else None
@@ -127,8 +135,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         )
         for step, (images, _) in enumerate(batches, start=1):
             masks = random_masks(len(images), height, width, cfg.masks, holes)
-            pred = model(model_input(apply_holes(images, masks), masks))
-            loss = reconstruction_loss(pred, images, masks, cfg.train.loss, cfg.train.hole_weight)
+            with autocast(cfg):  # validation below stays fp32
+                pred = model(model_input(apply_holes(images, masks), masks))
+                loss = reconstruction_loss(pred.float(), images, masks, cfg.train.loss, cfg.train.hole_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -1,0 +1,85 @@
+"""Every benchmark in its quick mode, so that none can rot: it runs, prints its tables, and writes
+JSON with the fields the README's tables come from. No timing is asserted here: the targets are
+read from the benchmarks' own output on a quiet machine (see benchmarks/README.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_benchmark(name: str, tmp_path: Path) -> dict[str, Any]:
+    out = tmp_path / f"{name}.json"
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / f"{name}.py"), "--quick", "--json", str(out)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "load average" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["benchmark"] == name and result["quick"] is True
+    assert result["machine"]["cores"] >= 1
+    return result
+
+
+def positive(row: dict[str, Any], *keys: str) -> None:
+    for key in keys:
+        assert row[key] > 0, (key, row)
+
+
+def test_model_speed(tmp_path):
+    result = run_benchmark("model_speed", tmp_path)
+    positive(result["matmul_gflops"]["peak"], "fp32", "bf16")
+    for counted in result["flops_per_image"].values():
+        assert counted["train"] > counted["forward"] > 0
+    rows = result["rows"]
+    assert {(row["variant"], row["mode"]) for row in rows} == {
+        (variant, mode) for variant in ("fused", "unet") for mode in ("fp32", "fp32+cl", "bf16", "bf16+cl")
+    }
+    for row in rows:
+        positive(row, "step_ms", "images_per_s", "gflops", "share_of_peak", "speedup_vs_fp32")
+
+
+@pytest.mark.ray
+def test_ray_overhead(tmp_path):
+    result = run_benchmark("ray_overhead", tmp_path)
+    positive(result["matmul_gflops"], "fp32")
+    plain, *jobs = result["rows"]
+    assert plain["workers"] == 0 and [job["workers"] for job in jobs] == [1, 2]
+    for row in result["rows"]:
+        positive(row, "steady_images_per_s", "share_of_peak", "vs_plain")
+        assert len(row["epoch_images_per_s"]) == result["epochs"]
+    for job in jobs:
+        positive(job, "startup_s", "wall_s", "ray_cpu_s")
+        assert len(job["worker_peak_rss_mib"]) == job["workers"] and min(job["worker_peak_rss_mib"]) > 0
+
+
+@pytest.mark.ray
+def test_data_path(tmp_path):
+    result = run_benchmark("data_path", tmp_path)
+    positive(result, "read_images_per_s")
+    for row in result["rows"]:
+        positive(row, "ingest_images_per_s", "ingest_cpu_ms_per_image", "train_images_per_s", "ingest_vs_train")
+
+
+@pytest.mark.ray
+def test_scaling(tmp_path):
+    result = run_benchmark("scaling", tmp_path)
+    assert {(row["size"], row["workers"]) for row in result["rows"]} == {(64, 1), (64, 2), (128, 1), (128, 2)}
+    for row in result["rows"]:
+        positive(row, "images_per_s", "train_s_per_epoch", "wall_s_per_epoch", "worker_peak_rss_mib")
+    positive(result["projected"], "per_worker_images_per_s")
