@@ -119,6 +119,7 @@ class Space:
     searched: dict[str, Search]
     fixed: dict[str, Any]  # config values every trial shares
     samples: int | None = None
+    early_stopping: bool = True  # ASHA; off, every trial trains every epoch (an ablation's equal budget)
 
     @property
     def name(self) -> str:
@@ -160,6 +161,9 @@ def load_space(path: str | os.PathLike) -> Space:
     samples = entries.pop("samples", None)
     if isinstance(samples, bool) or not isinstance(samples, int | None) or (samples is not None and samples < 1):
         raise UserError(f"{path}: samples must be a positive integer, got {samples!r}")
+    early_stopping = entries.pop("early_stopping", True)
+    if not isinstance(early_stopping, bool):
+        raise UserError(f"{path}: early_stopping must be true or false, got {early_stopping!r}")
     searched, fixed = {}, {}
     for key, value in entries.items():
         key = str(key)
@@ -175,7 +179,7 @@ def load_space(path: str | os.PathLike) -> Space:
         searched[key] = parse_search(f"{path}: {key}", value)
     if not searched:
         raise UserError(f"{path} searches nothing: give at least one key a primitive, e.g. {{choice: [3, 5]}}")
-    return Space(path, searched, fixed, samples)
+    return Space(path, searched, fixed, samples, early_stopping)
 
 
 def parse_search(where: str, value: dict) -> Search:
@@ -426,7 +430,9 @@ def new_tuner(
                 max_t=cfg.train.epochs,
                 grace_period=1,  # every trial trains an epoch, then only the better ones go on
                 stop_last_trials=False,  # a trial that trained every epoch ends by itself, cleanly
-            ),
+            )
+            if space.early_stopping
+            else None,  # FIFO: every trial runs to the end
             num_samples=samples,
             max_concurrent_trials=at_once,
         ),
@@ -464,7 +470,8 @@ def open_parent_run(space: Space, cfg: Config, samples: int, name: str, tracking
     run_id = tracking.start_run(tracking_uri, cfg.tracking.experiment, name, shared, tags={"space": str(space.path)})
     client = MlflowClient(tracking_uri)
     searched = [Param(f"search.{key}", str(search)) for key, search in space.searched.items()]
-    client.log_batch(run_id, params=[*searched, Param("samples", str(samples))])
+    study = [Param("samples", str(samples)), Param("early_stopping", str(space.early_stopping).lower())]
+    client.log_batch(run_id, params=[*searched, *study])
     client.log_artifact(run_id, str(space.path))
     return run_id
 

@@ -194,12 +194,15 @@ def bad_sources(tmp_path, write_hf_parquet) -> dict[str, Path]:
     (tmp_path / "empty-folder").mkdir()
     (tmp_path / "cifar").mkdir()
     (tmp_path / "cifar" / "data_batch_1").write_bytes(b"")
-    good = pq.read_table(write_hf_parquet(tmp_path / "good.parquet", [rgb()]))
+    good_file = write_hf_parquet(tmp_path / "good.parquet", [rgb()])
+    good = pq.read_table(good_file)
+    (tmp_path / "truncated.parquet").write_bytes(good_file.read_bytes()[: good_file.stat().st_size // 2])
     pq.write_table(good.rename_columns(["pixels", "label"]), tmp_path / "columns.parquet")
     return {
         "missing": tmp_path / "missing",
         "empty folder": tmp_path / "empty-folder",
         "not parquet": tmp_path / "notes.txt",
+        "truncated": tmp_path / "truncated.parquet",
         "no image column": tmp_path / "columns.parquet",
         "undecodable": write_hf_parquet(tmp_path / "broken.parquet", [rgb(), b"\x89PNG garbage"]),
         "mixed sizes": write_hf_parquet(tmp_path / "mixed.parquet", [rgb(), rgb(4, 5)]),
@@ -216,6 +219,7 @@ def bad_sources(tmp_path, write_hf_parquet) -> dict[str, Path]:
         ("missing", r"missing does not exist"),
         ("empty folder", r"empty-folder holds no dataset.*--download"),
         ("not parquet", r"notes\.txt is not a Parquet file"),
+        ("truncated", r"truncated\.parquet is not a Parquet file \(.*corrupted"),
         ("no image column", r"no image column \(columns: pixels, label\).*struct\{bytes"),
         ("undecodable", r"cannot decode the image in .*broken\.parquet row 1"),
         ("mixed sizes", r"mixed\.parquet row 1 is 5x4 but the images before it are 8x6"),

@@ -47,7 +47,7 @@ def test_space_file_reads_searched_and_fixed_keys(tmp_path):
             "train.epochs: 3\nmodel.widths: [8, 16, 32]\n",
         )
     )
-    assert space.samples == 5 and space.name == "space"
+    assert space.samples == 5 and space.name == "space" and space.early_stopping
     assert space.fixed == {"train.epochs": 3, "model.widths": [8, 16, 32]}
     assert space.overrides() == ["train.epochs=3", "model.widths=[8, 16, 32]"]
     assert space.searched["train.lr"].args == [1e-4, 1e-2]  # YAML reads 1e-4 as a string
@@ -77,6 +77,7 @@ def test_space_file_reads_searched_and_fixed_keys(tmp_path):
         ("model.fusion: {choice: [add]\ntrain.lr: 1", "is not valid YAML (line 2)"),
         ("[model.fusion]", "must map config keys to values"),
         ("samples: 0\nmodel.fusion: {choice: [add]}", "samples must be a positive integer"),
+        ("early_stopping: maybe\nmodel.fusion: {choice: [add]}", "early_stopping must be true or false"),
         ("train.epochs: 2", "searches nothing"),
     ],
 )
