@@ -211,6 +211,36 @@ class Deployment:
             return [f"{self.cluster['SUBNET']}.{k}" for k in range(1, self.nodes + 1)]
         return [f"127.0.0.{k}" for k in range(1, self.nodes + 1)]
 
+    def kill_node(self, ip: str) -> list[int]:
+        """SIGKILL every process of the worker node at `ip` (its raylet, agents and workers), as if the
+        machine had died; returns their pids. netns mode: the node's namespace's processes; loopback:
+        the processes naming its temp dir, and their descendants."""
+        import contextlib
+        import os
+        import signal
+        import subprocess
+
+        k = self.node_ips().index(ip) + 1
+        assert k > 1, "the head node is not a worker node"
+        if self.cluster["MODE"] == "netns":
+            namespace = f"inp-{self.cluster['CLUSTER_ID']}-n{k}"
+            listed = subprocess.run(["ip", "netns", "pids", namespace], capture_output=True, text=True, check=True)
+            pids = [int(pid) for pid in listed.stdout.split()]
+        else:
+            parents, pids = {}, []
+            for proc in Path("/proc").glob("[0-9]*"):
+                try:
+                    parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                    if f"{self.cluster['TEMP_ROOT']}/n{k}/" in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                        pids.append(int(proc.name))
+                except (OSError, IndexError, ValueError):
+                    continue
+            pids += [pid for pid, parent in parents.items() if parent in pids]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):  # gone with its parent
+                os.kill(pid, signal.SIGKILL)
+        return pids
+
     def leftovers(self) -> list[str]:
         """What of this cluster and server still runs: processes carrying their marks or naming their
         folders, and (netns mode) the cluster's network namespaces."""
@@ -285,6 +315,17 @@ def deployment(tmp_path_factory):
     finally:  # (tests/test_cluster.py's last test takes them down already, so the rest of the session runs without)
         deploy.down()
         print("\ndeploy/ steps (s):", {step: round(seconds, 1) for step, seconds in deploy.timings.items()})
+
+
+@pytest.fixture
+def three_node_deployment(tmp_path):
+    """A cluster of three nodes × 1 CPU and an MLflow server of its own, for faults that break a cluster."""
+    deploy = Deployment(tmp_path, nodes=3, cpus_per_node=1)
+    try:
+        deploy.up()
+        yield deploy
+    finally:
+        deploy.down()
 
 
 @pytest.fixture(scope="session")

@@ -25,15 +25,17 @@ SMALL_MODEL = [
 ]
 
 
-def write_tiny_dataset(root: Path) -> Path:
-    """104 smooth 32×32 images (CIFAR-10 python layout), prepared: 64 train, 32 validation and 8 test rows."""
+def write_tiny_dataset(root: Path, per_batch: int = 16) -> Path:
+    """Smooth 32×32 images (CIFAR-10 python layout), prepared: 4 × `per_batch` train (64 by default),
+    32 validation and 8 test rows."""
     rng = np.random.default_rng(0)
-    coarse = rng.integers(0, 256, size=(104, 3, 4, 4)).astype(np.uint8)
+    train = 4 * per_batch
+    coarse = rng.integers(0, 256, size=(train + 40, 3, 4, 4)).astype(np.uint8)
     images = coarse.repeat(8, axis=2).repeat(8, axis=3)  # (N, 3, 32, 32): planar, as CIFAR stores it
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
-    batches = {f"data_batch_{i + 1}": images[i * 16 : (i + 1) * 16] for i in range(4)}
-    batches |= {"data_batch_5": images[64:96], "test_batch": images[96:]}
+    batches = {f"data_batch_{i + 1}": images[i * per_batch : (i + 1) * per_batch] for i in range(4)}
+    batches |= {"data_batch_5": images[train : train + 32], "test_batch": images[train + 32 :]}
     for name, batch in batches.items():
         (folder / name).write_bytes(pickle.dumps({b"data": batch.reshape(len(batch), -1), b"labels": [0] * len(batch)}))
     prepare(folder, root / "prepared", val=32, progress=lambda _: None)

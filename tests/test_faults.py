@@ -8,7 +8,7 @@ import signal
 import time
 
 import pytest
-from helpers import METRICS, SMALL_MODEL, metric_steps, run_job
+from helpers import METRICS, SMALL_MODEL, metric_steps, run_job, write_tiny_dataset
 from mlflow import MlflowClient
 
 pytestmark = pytest.mark.ray
@@ -33,10 +33,53 @@ def test_killed_worker_resumes_from_the_last_checkpoint(tiny_data, tmp_path):
     log = "".join(output)
     assert proc.returncode == 0, log[-4000:]
     assert killed is not None, log[-4000:]
-    assert "epoch 3/3" in log
+    assert "epoch 3/3" in log and "resumed from the checkpoint of epoch 1" in log
 
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("inpaint").experiment_id])
+    assert run.info.status == "FINISHED"
+    for key in METRICS:
+        assert metric_steps(client, run.info.run_id, key) == [1, 2, 3], key
+
+
+def test_killed_worker_node_resumes_from_the_last_checkpoint(three_node_deployment, tmp_path):
+    """A job submitted to a cluster of three 1-CPU nodes, 2 workers: the node of a worker that is not the
+    head dies (every process of it killed) during epoch 2; the run goes on from its last checkpoint on
+    the two nodes left and MLflow holds every epoch once."""
+    deployment = three_node_deployment
+    data = write_tiny_dataset(tmp_path / "data", per_batch=160)  # 640 images: epochs of tens of seconds
+    args = ["python", "jobs/train.py", "--data", str(data), "--workers", "2", "--epochs", "3"]
+    settings = [*SMALL_MODEL, "train.batch_size=2", "tracking.run_name=node-kill"]
+    settings += [f"scaling.storage_path={deployment.root / 'checkpoints'}", "scaling.max_failures=2"]
+    args += [arg for setting in settings for arg in ("--set", setting)]
+    deployment.script("submit.sh", "--no-wait", "--submission-id", "node-kill", "--", *args, timeout=60)
+
+    workers = set(deployment.node_ips()[1:])
+    deadline, killed, logs = time.monotonic() + 600, [], ""
+    while not killed:
+        assert time.monotonic() < deadline, logs[-4000:]
+        time.sleep(0.5)
+        assert deployment.api("/api/jobs/node-kill")["status"] in ("PENDING", "RUNNING"), logs[-4000:]
+        logs = deployment.api("/api/jobs/node-kill/logs")["logs"]
+        on_workers = set(re.findall(r"\(RayTrainWorker pid=\d+, ip=([\d.]+)\)", logs)) & workers
+        if on_workers and "epoch 2 step" in logs:
+            victim = sorted(on_workers)[0]
+            killed = deployment.kill_node(victim)
+            print(f"\nkilled node {victim}: processes {killed}")
+    killed_at, status = time.monotonic(), "RUNNING"
+    while status in ("PENDING", "RUNNING"):
+        assert time.monotonic() < deadline, logs[-4000:]
+        time.sleep(2)
+        status = deployment.api("/api/jobs/node-kill")["status"]
+    logs = deployment.api("/api/jobs/node-kill/logs")["logs"]
+    print(f"\nnode killed: the job ended {time.monotonic() - killed_at:.0f} s later")
+    assert status == "SUCCEEDED" and "epoch 3/3" in logs, logs[-5000:]
+    assert re.search(r"resumed from the checkpoint of epoch [12]\b", logs), logs[-5000:]
+
+    client = MlflowClient(deployment.tracking_uri)
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("inpaint").experiment_id], filter_string="attributes.run_name = 'node-kill'"
+    )
     assert run.info.status == "FINISHED"
     for key in METRICS:
         assert metric_steps(client, run.info.run_id, key) == [1, 2, 3], key
