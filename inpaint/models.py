@@ -25,8 +25,8 @@ FUSIONS = ("concat", "add")
 class ModelConfig:
     variant: str = "fused"  # "unet" (vanilla) or "fused" (U-Net + ConvMixer)
     widths: list[int] = field(default_factory=lambda: [64, 128, 256])  # channels at 1, 1/2, 1/4 size
-    dropout: float = 0.5  # the paper's code uses 0.5 after every pooling and upsampling
-    mask_channel: bool = False  # feed the hole mask as a 4th input channel
+    dropout: float = 0.0  # the paper's code uses 0.5 after every pooling and upsampling (configs/paper.yaml)
+    mask_channel: bool = True  # feed the hole mask as a 4th input channel (the paper does not)
     fusion: str = "concat"  # the paper's text: concat + 1×1 conv; its code: "add"
     mixer_dim: int = 256
     mixer_depth: int = 2

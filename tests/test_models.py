@@ -58,9 +58,13 @@ def test_fused_output_depends_on_the_mixer():
 
 def test_paper_parameter_counts():
     # The paper's code: widths 64/128/256, ConvMixer dim 256, depth 2, kernel 5, patch 2 (quoted in the README)
-    assert count_parameters(build_model(ModelConfig(variant="unet"))) == 741_763
-    assert count_parameters(build_model(ModelConfig(variant="fused", fusion="add"))) == 892_547
-    assert count_parameters(build_model(ModelConfig(variant="fused", fusion="concat"))) == 1_023_875
+    paper = dict(mask_channel=False, dropout=0.5)
+    assert count_parameters(build_model(ModelConfig(variant="unet", **paper))) == 741_763
+    assert count_parameters(build_model(ModelConfig(variant="fused", fusion="add", **paper))) == 892_547
+    assert count_parameters(build_model(ModelConfig(variant="fused", fusion="concat", **paper))) == 1_023_875
+    # the default recipe sees the mask: a 4th input channel to the U-Net's first conv (64·9) and the
+    # ConvMixer's patch stem (256·2·2)
+    assert count_parameters(build_model(ModelConfig())) == 1_023_875 + 64 * 9 + 256 * 4
 
 
 def test_parameter_count_follows_the_config():
