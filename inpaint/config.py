@@ -8,6 +8,7 @@ so a typo never silently trains the default. The resolved tree is what MLflow lo
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import types
@@ -224,3 +225,33 @@ def from_dict(values: dict[str, Any]) -> Config:
     cfg = Config()
     _merge(cfg, values)
     return cfg
+
+
+# The flags every job that trains takes, each a shorthand for one config key.
+FLAG_KEYS = {
+    "data": "data.path",
+    "workers": "scaling.workers",
+    "limit": "data.limit",
+    "address": "scaling.address",
+    "tracking_uri": "tracking.tracking_uri",
+}
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """--data, --config, --set and the shorthands of FLAG_KEYS; `flag_overrides` turns them into overrides."""
+    parser.add_argument(
+        "--data", help="a prepared dataset, or any source jobs/prepare.py takes (default: $INPAINT_DATA)"
+    )
+    parser.add_argument("--config", help="a YAML config file (see configs/)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config value")
+    parser.add_argument("--workers", type=int, help="Ray Train workers, of each trial in a study (scaling.workers)")
+    parser.add_argument("--limit", type=int, help="keep the first N source images (data.limit)")
+    parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite)")
+
+
+def flag_overrides(args: argparse.Namespace, **keys: str) -> list[str]:
+    """`--set` values, then every flag given (FLAG_KEYS and the job's own `keys`: flag → config key) as
+    `key=value` overrides, so that a flag wins over a `--set` of the same key."""
+    given = {key: getattr(args, flag) for flag, key in (FLAG_KEYS | keys).items()}
+    return [*args.set, *(f"{key}={value}" for key, value in given.items() if value is not None)]

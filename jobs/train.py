@@ -12,23 +12,15 @@ import json
 from pathlib import Path
 
 from inpaint import tracking
-from inpaint.config import load_config
+from inpaint.config import add_config_flags, flag_overrides, load_config
 from inpaint.errors import cli_errors
 from inpaint.train import train
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--data", help="a prepared dataset, or any source jobs/prepare.py takes (default: $INPAINT_DATA)"
-    )
-    parser.add_argument("--config", help="a YAML config file (see configs/)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config value")
-    parser.add_argument("--workers", type=int, help="Ray Train workers (scaling.workers)")
+    add_config_flags(parser)
     parser.add_argument("--epochs", type=int, help="training epochs (train.epochs)")
-    parser.add_argument("--limit", type=int, help="keep the first N source images (data.limit)")
-    parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite)")
     parser.add_argument("--resume", metavar="RUN_NAME", help="continue a stopped run from its last checkpoint")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the final metrics, run id and model URI")
     return parser.parse_args(argv)
@@ -37,15 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @cli_errors
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    flags = {
-        "data.path": args.data,
-        "scaling.workers": args.workers,
-        "train.epochs": args.epochs,
-        "data.limit": args.limit,
-        "scaling.address": args.address,
-        "tracking.tracking_uri": args.tracking_uri,
-    }
-    overrides = [*args.set, *(f"{key}={value}" for key, value in flags.items() if value is not None)]
+    overrides = flag_overrides(args, epochs="train.epochs")
     cfg = load_config(args.config, overrides)
     result = train(cfg, resume=args.resume, overrides=overrides)
 

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from inpaint import tracking
-from inpaint.config import VAL_METRICS, load_config
+from inpaint.config import VAL_METRICS, add_config_flags, flag_overrides, load_config
 from inpaint.errors import cli_errors
 from inpaint.tune import load_space, run_study
 
@@ -24,9 +24,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--space", required=True, help="a search-space YAML file (see tune_spaces/)")
     parser.add_argument(
-        "--data", help="a prepared dataset, or any source jobs/prepare.py takes (default: $INPAINT_DATA)"
-    )
-    parser.add_argument(
         "--samples",
         type=int,
         help="trials to sample (default: the space's `samples`, else 8; --resume keeps the study's)",
@@ -34,12 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--metric", choices=VAL_METRICS, help="what ASHA and the best trial go by (default: val_psnr_hole)"
     )
-    parser.add_argument("--config", help="a YAML config file every trial starts from (see configs/)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config value")
-    parser.add_argument("--workers", type=int, help="Ray Train workers per trial (scaling.workers)")
-    parser.add_argument("--limit", type=int, help="keep the first N source images (data.limit)")
-    parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite)")
+    add_config_flags(parser)
     parser.add_argument("--resume", action="store_true", help="go on with this space's stopped study")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the best config, its metrics and model URI")
     return parser.parse_args(argv)
@@ -49,19 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     space = load_space(args.space)  # a bad space stops here, before anything starts
-    flags = {
-        "data.path": args.data,
-        "train.best_metric": args.metric,
-        "scaling.workers": args.workers,
-        "data.limit": args.limit,
-        "scaling.address": args.address,
-        "tracking.tracking_uri": args.tracking_uri,
-    }
-    overrides = [
-        *space.overrides(),
-        *args.set,
-        *(f"{key}={value}" for key, value in flags.items() if value is not None),
-    ]
+    overrides = [*space.overrides(), *flag_overrides(args, metric="train.best_metric")]
     cfg = load_config(args.config, overrides)
     try:
         result = run_study(space, cfg, samples=args.samples or space.samples or DEFAULT_SAMPLES, resume=args.resume)

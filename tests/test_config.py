@@ -71,3 +71,18 @@ def test_shipped_config_files_load():
     assert files, "configs/ should ship at least the paper's configuration"
     for file in files:
         load_config(file)
+
+
+def test_job_flags_become_overrides_after_set():
+    import argparse
+
+    from inpaint.config import add_config_flags, flag_overrides
+
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser)
+    parser.add_argument("--epochs", type=int)
+    args = parser.parse_args(["--set", "scaling.workers=4", "--workers", "2", "--data", "d", "--epochs", "3"])
+    overrides = flag_overrides(args, epochs="train.epochs")
+    assert overrides == ["scaling.workers=4", "data.path=d", "scaling.workers=2", "train.epochs=3"]
+    cfg = load_config(None, overrides)
+    assert (cfg.scaling.workers, cfg.data.path, cfg.train.epochs) == (2, "d", 3)  # the flag wins
