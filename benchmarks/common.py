@@ -41,7 +41,7 @@ TINY_MODEL = ["model.widths=[8,16,32]", "model.mixer_dim=16"]
 
 
 def load_average() -> float:
-    """The 1-minute load average: a figure taken while it is above ~0.7 on this machine is not valid."""
+    """The 1-minute load average: well above the benchmark's own threads, something else shared the cores."""
     return os.getloadavg()[0]
 
 
