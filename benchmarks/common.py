@@ -25,10 +25,9 @@ from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from inpaint.config import Config, load_config
 from inpaint.data import prepare
-from inpaint.masks import apply_holes, random_masks
-from inpaint.metrics import reconstruction_loss
-from inpaint.models import ModelConfig, build_model, model_input
-from inpaint.train import autocast, build_optimizer
+from inpaint.masks import random_masks
+from inpaint.models import ModelConfig, build_model
+from inpaint.train import build_optimizer, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_CONFIG = REPO / "configs" / "paper.yaml"
@@ -131,8 +130,8 @@ def paper_config(overrides: list[str]) -> Config:
 
 
 class TrainStep:
-    """One step of the worker loop without Ray: fresh holes, forward and loss (under `autocast(cfg)`),
-    backward, Adam step; `train.channels_last` as the worker applies it. `compile` runs the model through
+    """One step of the worker loop without Ray: fresh holes, then `inpaint.train.train_step`;
+    `train.channels_last` as the worker applies it. `compile` runs the model through
     `torch.compile` (inductor), which the worker does not do.
     """
 
@@ -148,14 +147,7 @@ class TrainStep:
 
     def __call__(self, images: torch.Tensor) -> float:
         masks = random_masks(len(images), self.height, self.width, self.cfg.masks, self.holes)
-        with autocast(self.cfg):
-            pred = self.model(model_input(apply_holes(images, masks), masks))
-            loss = reconstruction_loss(pred.float(), images, masks, self.cfg.train.loss, self.cfg.train.hole_weight)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        self.scheduler.step()
-        return loss.item()
+        return train_step(self.model, self.optimizer, self.scheduler, images, masks, self.cfg).item()
 
 
 def time_steps(step: Callable[[], object], warmup: int, min_steps: int, min_seconds: float) -> float:

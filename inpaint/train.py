@@ -72,6 +72,25 @@ def autocast(cfg: Config) -> torch.autocast:
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
 
 
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    cfg: Config,
+) -> torch.Tensor:
+    """One optimizer step on images with these holes; returns the loss (forward under `autocast(cfg)`)."""
+    with autocast(cfg):
+        pred = model(model_input(apply_holes(images, masks), masks))
+        loss = reconstruction_loss(pred.float(), images, masks, cfg.train.loss, cfg.train.hole_weight)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    return loss
+
+
 @torch.no_grad()
 def fill(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """The network's output for images with these holes (raw output; metrics composite it)."""
@@ -135,13 +154,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         )
         for step, (images, _) in enumerate(batches, start=1):
             masks = random_masks(len(images), height, width, cfg.masks, holes)
-            with autocast(cfg):  # validation below stays fp32
-                pred = model(model_input(apply_holes(images, masks), masks))
-                loss = reconstruction_loss(pred.float(), images, masks, cfg.train.loss, cfg.train.hole_weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+            loss = train_step(model, optimizer, scheduler, images, masks, cfg)  # validation below stays fp32
             loss_sum += loss.item() * len(images)
             images_seen += len(images)
             if rank == 0 and step % progress_every == 0:
