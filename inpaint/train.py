@@ -204,7 +204,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     },
                 )
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
-        if rank == 0:  # after the checkpoint is safe, so a restart never logs an epoch twice
+        # After report(): a restart from this checkpoint re-sends these metrics, and one that lost it (a worker
+        # died before Ray Train registered it) redoes the epoch; log_metrics_once keeps either to one record.
+        if rank == 0:
             tracking.log_metrics_once(run_id, metrics, step=epoch, tracking_uri=tracking_uri)
             images, index = samples
             images = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
@@ -257,13 +259,18 @@ def check_holes_fit(cfg: Config, data: str) -> None:
 
 def read_datasets(cfg: Config, data: str) -> dict[str, ray.data.Dataset]:
     """The train and validation splits, materialized before the workers take the CPUs, so that reading
-    never waits on them (a Tune study reads them once for all its trials)."""
+    never waits on them (a Tune study reads them once for all its trials).
+
+    They are read on this (the driver's) node, so their blocks outlive any worker node: a block lost
+    with a node would be rebuilt by a read task, which waits forever for a CPU the workers hold."""
     ray.data.DataContext.get_current().enable_progress_bars = False  # our per-epoch lines say enough
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # else every worker line shows twice
-    val = ray.data.read_parquet(split_files(data, "val"))
+    here = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
+    train = ray.data.read_parquet(split_files(data, "train"), label_selector=here)
+    val = ray.data.read_parquet(split_files(data, "val"), label_selector=here)
     if cfg.data.val_limit:
         val = val.limit(cfg.data.val_limit)
-    return {"train": ray.data.read_parquet(split_files(data, "train")).materialize(), "val": val.materialize()}
+    return {"train": train.materialize(), "val": val.materialize()}
 
 
 def make_trainer(

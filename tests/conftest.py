@@ -117,6 +117,15 @@ def tiny_data(tmp_path_factory) -> Path:
     return write_tiny_dataset(tmp_path_factory.mktemp("tiny"))
 
 
+@pytest.fixture(scope="session")
+def interruptible_data(tmp_path_factory) -> Path:
+    """640 smooth training images: at batch size 2, epochs of seconds even on a fast machine, long enough
+    for a test to stop or break a run in the middle of one."""
+    from helpers import write_tiny_dataset
+
+    return write_tiny_dataset(tmp_path_factory.mktemp("interruptible"), per_batch=160)
+
+
 # ---------------------------------------------------------------------------------------------
 # deploy/: a Ray cluster of two nodes and an MLflow server, started and stopped by the deploy scripts
 # as a user does (tests/test_cluster.py, tests/test_browser.py). Self-contained: nothing above uses it.
@@ -210,6 +219,14 @@ class Deployment:
         if self.cluster["MODE"] == "netns":
             return [f"{self.cluster['SUBNET']}.{k}" for k in range(1, self.nodes + 1)]
         return [f"127.0.0.{k}" for k in range(1, self.nodes + 1)]
+
+    def train_worker_ips(self) -> set[str]:
+        """The addresses of the nodes hosting a live Ray Train worker now (Ray's state API)."""
+        query = "detail=1&limit=1000&filter_keys=state&filter_predicates=%3D&filter_values="
+        nodes = self.api(f"/api/v0/nodes?{query}ALIVE")["data"]["result"]["result"]
+        actors = self.api(f"/api/v0/actors?{query}ALIVE")["data"]["result"]["result"]
+        ips = {node["node_id"]: node["node_ip"] for node in nodes}
+        return {ips[actor["node_id"]] for actor in actors if actor["class_name"] == "RayTrainWorker"}
 
     def kill_node(self, ip: str) -> list[int]:
         """SIGKILL every process of the worker node at `ip` (its raylet, agents and workers), as if the

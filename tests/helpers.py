@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import subprocess
@@ -66,3 +67,15 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
 
 def metric_steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def registered_epochs(run_dir: Path) -> list[int]:
+    """The epochs whose checkpoints Ray Train has registered in the run's folder of its storage path.
+
+    A checkpoint counts only once Ray Train's controller has every worker's report of it; a worker lost
+    before that takes the epoch with it. Faults meant to resume from a checkpoint wait for this."""
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):  # not yet written, or being written
+        return []
+    return [result["metrics"]["epoch"] for result in snapshot["checkpoint_results"]]

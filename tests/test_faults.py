@@ -8,25 +8,25 @@ import signal
 import time
 
 import pytest
-from helpers import METRICS, SMALL_MODEL, metric_steps, run_job, write_tiny_dataset
+from helpers import METRICS, SMALL_MODEL, metric_steps, registered_epochs, run_job
 from mlflow import MlflowClient
 
 pytestmark = pytest.mark.ray
 
 
-def test_killed_worker_resumes_from_the_last_checkpoint(tiny_data, tmp_path):
+def test_killed_worker_resumes_from_the_last_checkpoint(interruptible_data, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    args = ["--data", str(tiny_data), "--workers", "2", "--epochs", "3", "--json", "result.json"]
-    # small batches: epochs long enough to kill a worker in the middle of one
-    proc = run_job([*args, *(f"--set={s}" for s in SMALL_MODEL), "--set=train.batch_size=2"], tmp_path, uri)
+    args = ["--data", str(interruptible_data), "--workers", "2", "--epochs", "3", "--json", "result.json"]
+    settings = [*SMALL_MODEL, "train.batch_size=2", "tracking.run_name=worker-kill"]
+    proc = run_job([*args, *(f"--set={s}" for s in settings)], tmp_path, uri)
     output, killed, deadline = [], None, time.monotonic() + 300
     for line in proc.stdout:
         output.append(line)
         found = re.search(r"pid=(\d+)\) world_rank=1", line) or re.search(r"pid=(\d+), world_rank=1", line)
         if found and killed is None:
             rank1 = int(found.group(1))
-        if killed is None and "epoch 2 step" in line:
-            os.kill(rank1, signal.SIGKILL)  # mid-epoch 2, after epoch 1's checkpoint
+        if killed is None and 1 in registered_epochs(tmp_path / "runs" / "worker-kill"):
+            os.kill(rank1, signal.SIGKILL)  # in epoch 2, once Ray Train holds epoch 1's checkpoint
             killed = rank1
         assert time.monotonic() < deadline, "".join(output)
     proc.wait(timeout=60)
@@ -42,13 +42,12 @@ def test_killed_worker_resumes_from_the_last_checkpoint(tiny_data, tmp_path):
         assert metric_steps(client, run.info.run_id, key) == [1, 2, 3], key
 
 
-def test_killed_worker_node_resumes_from_the_last_checkpoint(three_node_deployment, tmp_path):
+def test_killed_worker_node_resumes_from_the_last_checkpoint(three_node_deployment, interruptible_data, tmp_path):
     """A job submitted to a cluster of three 1-CPU nodes, 2 workers: the node of a worker that is not the
-    head dies (every process of it killed) during epoch 2; the run goes on from its last checkpoint on
+    head dies (every process of it killed) in epoch 2; the run goes on from its last checkpoint on
     the two nodes left and MLflow holds every epoch once."""
     deployment = three_node_deployment
-    data = write_tiny_dataset(tmp_path / "data", per_batch=160)  # 640 images: epochs of tens of seconds
-    args = ["python", "jobs/train.py", "--data", str(data), "--workers", "2", "--epochs", "3"]
+    args = ["python", "jobs/train.py", "--data", str(interruptible_data), "--workers", "2", "--epochs", "3"]
     settings = [*SMALL_MODEL, "train.batch_size=2", "tracking.run_name=node-kill"]
     settings += [f"scaling.storage_path={deployment.root / 'checkpoints'}", "scaling.max_failures=2"]
     args += [arg for setting in settings for arg in ("--set", setting)]
@@ -61,8 +60,8 @@ def test_killed_worker_node_resumes_from_the_last_checkpoint(three_node_deployme
         time.sleep(0.5)
         assert deployment.api("/api/jobs/node-kill")["status"] in ("PENDING", "RUNNING"), logs[-4000:]
         logs = deployment.api("/api/jobs/node-kill/logs")["logs"]
-        on_workers = set(re.findall(r"\(RayTrainWorker pid=\d+, ip=([\d.]+)\)", logs)) & workers
-        if on_workers and "epoch 2 step" in logs:
+        registered = registered_epochs(deployment.root / "checkpoints" / "node-kill")
+        if 1 in registered and (on_workers := deployment.train_worker_ips() & workers):  # in epoch 2
             victim = sorted(on_workers)[0]
             killed = deployment.kill_node(victim)
             print(f"\nkilled node {victim}: processes {killed}")
@@ -72,6 +71,7 @@ def test_killed_worker_node_resumes_from_the_last_checkpoint(three_node_deployme
         time.sleep(2)
         status = deployment.api("/api/jobs/node-kill")["status"]
     logs = deployment.api("/api/jobs/node-kill/logs")["logs"]
+    (tmp_path / "job.log").write_text(logs)  # the whole log, for a post-mortem
     print(f"\nnode killed: the job ended {time.monotonic() - killed_at:.0f} s later")
     assert status == "SUCCEEDED" and "epoch 3/3" in logs, logs[-5000:]
     assert re.search(r"resumed from the checkpoint of epoch [12]\b", logs), logs[-5000:]
