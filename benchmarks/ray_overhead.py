@@ -42,6 +42,7 @@ from common import (
 
 from inpaint.config import Config
 from inpaint.data import read_manifest, read_split
+from inpaint.train import training_precision
 
 
 def parse_args() -> argparse.Namespace:
@@ -120,6 +121,7 @@ def main() -> None:
         load_before = load_average()
         peak = matmul_peak(256 if args.quick else 2048, 0.1 if args.quick else 3.0)
         flops = count_flops(cfg.model, manifest["height"], manifest["width"])["train"]
+        precision = training_precision(cfg)
 
         plain = plain_loop(cfg, data, args.epochs, args.threads)
         rows = [
@@ -142,11 +144,11 @@ def main() -> None:
         load_after = load_average()
 
     for row in rows:
-        row["share_of_peak"] = share(row["steady_images_per_s"], flops, peak[cfg.train.precision])
+        row["share_of_peak"] = share(row["steady_images_per_s"], flops, peak[precision])
         row["vs_plain"] = row["steady_images_per_s"] / rows[0]["steady_images_per_s"]
     print_table(
         f"steady-state training speed (epochs 2+), {train_rows} images/epoch, global batch {args.batch}, "
-        f"{cfg.train.precision} matmul peak {peak[cfg.train.precision]:.0f} GFLOP/s",
+        f"{precision} matmul peak {peak[precision]:.0f} GFLOP/s",
         rows,
         [
             ("run", "", "s"),

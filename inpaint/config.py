@@ -40,7 +40,7 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     # The default recipe (README, "Results"): each choice below measured against the paper's in experiments/levers.sh
-    epochs: int = 6
+    epochs: int = 10  # 47 minutes of the full training split on 2 cores in bf16 (README, "Results")
     batch_size: int = 32  # per worker
     lr: float = 2e-3
     optimizer: str = "adamw"  # "adam" or "adamw"
@@ -53,8 +53,10 @@ class TrainConfig:
     val_seed: int = 1234  # the fixed validation holes
     samples: int = 8  # validation images shown in the per-epoch picture
     best_metric: str = "val_psnr_hole"  # picks the epoch whose model is registered
-    precision: str = "fp32"  # "bf16": forward and loss under CPU bf16 autocast (weights, Adam, validation stay fp32)
-    channels_last: bool = False  # NHWC weights and activations, the layout oneDNN's CPU kernels prefer
+    # "bf16": forward and loss under CPU bf16 autocast (weights, Adam, validation stay fp32); "auto": bf16 where
+    # the CPU has native bf16, else fp32 (README, "Performance": 1.59× the images/s at the same quality)
+    precision: str = "auto"
+    channels_last: bool = True  # NHWC weights and activations, the layout oneDNN's CPU kernels prefer
 
 
 @dataclass
@@ -99,7 +101,7 @@ class Config:
             ("train.schedule", self.train.schedule in ("constant", "cosine"), "must be constant or cosine"),
             ("train.loss", self.train.loss in LOSSES, f"must be one of {', '.join(LOSSES)}"),
             ("train.best_metric", self.train.best_metric in VAL_METRICS, f"must be one of {', '.join(VAL_METRICS)}"),
-            ("train.precision", self.train.precision in ("fp32", "bf16"), "must be fp32 or bf16"),
+            ("train.precision", self.train.precision in ("auto", "fp32", "bf16"), "must be auto, fp32 or bf16"),
             ("scaling.workers", self.scaling.workers >= 1, "must be at least 1 (a positive worker count)"),
             ("scaling.cpus_per_worker", self.scaling.cpus_per_worker > 0, "must be positive"),
             ("data.val", self.data.val >= 1, "must be at least 1"),

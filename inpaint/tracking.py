@@ -319,6 +319,17 @@ def log_picture(run_id: str, image: np.ndarray, artifact_file: str, *, tracking_
         logger.warning("MLflow unreachable, %s not logged: %s", artifact_file, err)
 
 
+def set_tag(run_id: str, key: str, value: str, *, tracking_uri: str | None = None) -> None:
+    """Tag the run (e.g. a setting resolved on a worker, which the logged config cannot show); skipped with a
+    warning if the store is unreachable."""
+    try:
+        MlflowClient(tracking_uri).set_tag(run_id, key, value)
+    except MlflowException as err:
+        if not _is_transient(err):
+            raise
+        logger.warning("MLflow unreachable, tag %s not set: %s", key, err)
+
+
 def log_text(run_id: str, text: str, artifact_file: str, *, tracking_uri: str | None = None) -> None:
     """Log `text` as an artifact file (e.g. "table.md")."""
     MlflowClient(tracking_uri).log_text(run_id, text, artifact_file)

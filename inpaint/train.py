@@ -67,9 +67,18 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, steps_per_epoch: int):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
 
 
+def training_precision(cfg: Config) -> str:
+    """`train.precision` on this machine: "auto" is bf16 where the CPU computes bf16 natively (AVX-512
+    BF16 or AMX; emulated bf16 is no faster than fp32), else fp32."""
+    if cfg.train.precision != "auto":
+        return cfg.train.precision
+    # torch.cpu's own checks (private, stable under the pinned torch)
+    return "bf16" if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported() else "fp32"
+
+
 def autocast(cfg: Config) -> torch.autocast:
-    """The training forward pass's precision: bf16 autocast on the CPU for `train.precision: bf16`."""
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
+    """The training forward pass's precision: bf16 autocast on the CPU where `training_precision` says bf16."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=training_precision(cfg) == "bf16")
 
 
 def train_step(
@@ -121,6 +130,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     height, width = loop_config["height"], loop_config["width"]
     steps_per_epoch = math.ceil(loop_config["train_rows"] / (cfg.train.batch_size * world_size))
     progress_every = max(1, steps_per_epoch // 10)  # a progress line every tenth of an epoch
+
+    if rank == 0:  # what "auto" became on this worker's CPU
+        tracking.set_tag(run_id, "train.precision_used", training_precision(cfg), tracking_uri=tracking_uri)
 
     torch.manual_seed(cfg.train.seed)  # same initial weights on every worker
     model = build_model(cfg.model)

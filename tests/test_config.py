@@ -86,3 +86,23 @@ def test_job_flags_become_overrides_after_set():
     assert overrides == ["scaling.workers=4", "data.path=d", "scaling.workers=2", "train.epochs=3"]
     cfg = load_config(None, overrides)
     assert (cfg.scaling.workers, cfg.data.path, cfg.train.epochs) == (2, "d", 3)  # the flag wins
+
+
+@pytest.mark.parametrize(
+    "setting, avx512_bf16, amx, expected",
+    [
+        ("auto", True, False, "bf16"),
+        ("auto", False, True, "bf16"),
+        ("auto", False, False, "fp32"),  # emulated bf16 is no faster: stay in fp32
+        ("fp32", True, True, "fp32"),
+        ("bf16", False, False, "bf16"),
+    ],
+)
+def test_precision_auto_means_bf16_only_on_native_bf16_cpus(monkeypatch, setting, avx512_bf16, amx, expected):
+    import torch
+
+    from inpaint.train import training_precision
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert training_precision(load_config(None, [f"train.precision={setting}"])) == expected

@@ -16,10 +16,12 @@ import torch
 from helpers import METRICS, SMALL_MODEL, finish, metric_steps, registered_epochs, run_job
 from mlflow import MlflowClient
 
+from inpaint.config import load_config
 from inpaint.data import read_split
 from inpaint.masks import MaskConfig, apply_holes, fixed_masks
 from inpaint.metrics import MetricTotals
 from inpaint.models import model_input
+from inpaint.train import training_precision
 
 pytestmark = pytest.mark.ray
 
@@ -40,6 +42,7 @@ def test_two_worker_run_is_tracked_and_registered(tiny_data, tmp_path):
     run = client.get_run(result["run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.params["model.widths"] == "[8, 16, 32]" and run.data.params["scaling.workers"] == "2"
+    assert run.data.tags["train.precision_used"] == training_precision(load_config(None, []))  # "auto" resolved
     for key in METRICS:
         assert metric_steps(client, run.info.run_id, key) == [1, 2], key
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
