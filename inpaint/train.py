@@ -131,8 +131,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     steps_per_epoch = math.ceil(loop_config["train_rows"] / (cfg.train.batch_size * world_size))
     progress_every = max(1, steps_per_epoch // 10)  # a progress line every tenth of an epoch
 
-    if rank == 0:  # what "auto" became on this worker's CPU
-        tracking.set_tag(run_id, "train.precision_used", training_precision(cfg), tracking_uri=tracking_uri)
+    cfg.train.precision = training_precision(cfg)  # "auto" resolved once, for this worker's CPU, not every step
+    if rank == 0:
+        tracking.set_tag(run_id, "train.precision_used", cfg.train.precision, tracking_uri=tracking_uri)
 
     torch.manual_seed(cfg.train.seed)  # same initial weights on every worker
     model = build_model(cfg.model)
