@@ -320,13 +320,15 @@ def prepare(
     split folders without a manifest (an interrupted run) are removed and written again.
     """
     fs, root = _filesystem(out)
-    settings = {"source": str(source), "seed": seed, "val": val, "limit": limit}
+    # The absolute path, so that the same source named from another folder is recognised as the same.
+    settings = {"source": str(Path(source).resolve()), "seed": seed, "val": val, "limit": limit}
     if is_prepared(out):
         manifest = read_manifest(out)
+        recorded = {**manifest, "source": str(Path(manifest.get("source", "")).resolve())}
         changed = [
-            f"{key} {manifest.get(key)!r} (now {value!r})"
+            f"{key} {recorded.get(key)!r} (now {value!r})"
             for key, value in settings.items()
-            if manifest.get(key) != value
+            if recorded.get(key) != value
         ]
         if changed:
             raise UserError(

@@ -84,7 +84,8 @@ def test_prepare_splits_and_round_trips_pixels(tmp_path, hf_folder, hf_splits):
     manifest = prepare(hf_folder, out, val=4, progress=quiet)
     assert manifest["splits"] == {"train": 8, "val": 4, "test": 5}
     assert (manifest["height"], manifest["width"], manifest["format"]) == (6, 8, "inpaint-prepared/1")
-    assert (manifest["source"], manifest["seed"], manifest["val"], manifest["limit"]) == (str(hf_folder), 0, 4, None)
+    settings = (manifest["source"], manifest["seed"], manifest["val"], manifest["limit"])
+    assert settings == (str(hf_folder.resolve()), 0, 4, None)
     assert read_manifest(out) == manifest
 
     source_images, source_labels = hf_splits["train"]
@@ -140,6 +141,17 @@ def test_rerun_is_skipped_and_other_settings_refused(tmp_path, hf_file):
     assert [shard.stat().st_mtime_ns for shard in sorted(out.rglob("*.parquet"))] == mtimes
     with pytest.raises(UserError, match=r"val 4 \(now 3\).*another --out"):
         prepare(hf_file, out, val=3, progress=quiet)
+
+
+def test_the_same_source_by_a_relative_path_is_the_same_dataset(tmp_path, hf_file, monkeypatch):
+    out = tmp_path / "out"
+    manifest = prepare(hf_file, out, val=4, progress=quiet)
+    monkeypatch.chdir(hf_file.parent)
+    messages = []
+    assert prepare(Path(hf_file.name), out, val=4, progress=messages.append) == manifest
+    assert "already prepared" in messages[0]
+    with pytest.raises(UserError, match=r"source .* \(now .*other\.parquet'\)"):
+        prepare(Path("other.parquet"), out, val=4, progress=quiet)
 
 
 def test_interrupted_run_is_redone(tmp_path, hf_file):
