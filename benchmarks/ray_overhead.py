@@ -41,7 +41,7 @@ from common import (
 )
 
 from inpaint.config import Config
-from inpaint.data import read_manifest, read_split
+from inpaint.data import read_manifest, read_split, to_float_images
 from inpaint.train import training_precision
 
 
@@ -81,7 +81,7 @@ def plain_loop(cfg: Config, data: str, epochs: int, threads: int) -> list[float]
     for _ in range(epochs):
         start = time.perf_counter()
         for first in range(0, len(pixels), batch):
-            step(torch.from_numpy(pixels[first : first + batch]).permute(0, 3, 1, 2).float().div_(255))
+            step(to_float_images(pixels[first : first + batch]))
         rates.append(len(pixels) / (time.perf_counter() - start))
     return rates
 

@@ -6,7 +6,7 @@
 #   bash experiments/levers.sh ../shared/data/cifar10 [more jobs/train.py flags]
 #
 # Prints one line per step: the step, its validation hole PSNR, Dice, hole L1 and SSIM. The results
-# measured here, and the recipe they led to (the defaults), are in the README ("Results").
+# measured here, and the recipe they led to (the defaults), are in docs/results.md.
 set -euo pipefail
 data=${1:?usage: experiments/levers.sh DATA [jobs/train.py flags]}
 shift
@@ -15,7 +15,7 @@ out=${LEVERS_OUT:-levers}
 mkdir -p "$out"
 
 steps=(
-  "paper:"  # the paper's network (fusion by concat, as its text says), dropout 0.5, MSE, Adam 1e-3
+  "paper:"  # configs/paper.yaml: fusion by add (the paper's code; its text says concat), dropout 0.5, MSE, Adam 1e-3
   "no-dropout:model.dropout=0.0"
   "mask-channel:model.mask_channel=true"
   "hole-l1:train.loss=hole_l1"

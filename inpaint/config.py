@@ -1,6 +1,6 @@
-"""One typed config tree: defaults, then a YAML file, then `key=value` overrides.
+"""One typed config tree: defaults, then a YAML file, then `key=value` overrides, then flags.
 
-    cfg = load_config("configs/paper.yaml", ["model.fusion=add", "train.epochs=3"])
+    cfg = load_config("configs/paper.yaml", ["model.fusion=add"], values={"train.epochs": 3})
 
 Every value is checked against its field's type, and unknown keys are refused with the key's name,
 so a typo never silently trains the default. The resolved tree is what MLflow logs as params.
@@ -13,6 +13,7 @@ import dataclasses
 import os
 import types
 import typing
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,16 +32,18 @@ VAL_METRICS = ("val_loss", *(f"val_{name}" for name in METRIC_NAMES))
 class DataConfig:
     path: str = ""  # a prepared dataset, or any source jobs/prepare.py takes (default: $INPAINT_DATA)
     prepared: str = ""  # where a source gets prepared (default: data/prepared-<name> in the cwd)
-    limit: int | None = None  # keep the first N source images (quick runs)
-    val: int = 5000  # validation images split off the training set (at most a tenth of `limit`)
+    # quick runs: the first N images, a tenth of them (at most `val`) for validation, the rest for training;
+    # from a source or from an already-prepared dataset alike
+    limit: int | None = None
+    val: int = 5000  # validation images split off the training set when a source is prepared
     val_limit: int | None = None  # validate on the first N validation images only
     seed: int = 0  # the train/val split's seed
 
 
 @dataclass
 class TrainConfig:
-    # The default recipe (README, "Results"): each choice below measured against the paper's in experiments/levers.sh
-    epochs: int = 10  # 47 minutes of the full training split on 2 cores in bf16 (README, "Results")
+    # The default recipe (docs/results.md): each choice below measured against the paper's in experiments/levers.sh
+    epochs: int = 10  # 47 minutes of the full training split on 2 cores in bf16 (docs/results.md)
     batch_size: int = 32  # per worker
     lr: float = 2e-3
     optimizer: str = "adamw"  # "adam" or "adamw"
@@ -54,7 +57,7 @@ class TrainConfig:
     samples: int = 8  # validation images shown in the per-epoch picture
     best_metric: str = "val_psnr_hole"  # picks the epoch whose model is registered
     # "bf16": forward and loss under CPU bf16 autocast (weights, Adam, validation stay fp32); "auto": bf16 where
-    # the CPU has native bf16, else fp32 (README, "Performance": 1.59× the images/s at the same quality)
+    # the CPU has native bf16, else fp32 (docs/performance.md: 1.59× the images/s at the same quality)
     precision: str = "auto"
     channels_last: bool = True  # NHWC weights and activations, the layout oneDNN's CPU kernels prefer
 
@@ -105,6 +108,7 @@ class Config:
             ("scaling.workers", self.scaling.workers >= 1, "must be at least 1 (a positive worker count)"),
             ("scaling.cpus_per_worker", self.scaling.cpus_per_worker > 0, "must be positive"),
             ("data.val", self.data.val >= 1, "must be at least 1"),
+            ("data.limit", (self.data.limit or 10) >= 10, "must be at least 10 (a tenth of it validates)"),
         ]
         for key, ok, why in checks:
             if not ok:
@@ -183,43 +187,97 @@ def _merge(node: Any, values: dict[str, Any], prefix: str = "") -> None:
             setattr(node, name, _coerce(value, hints[name], key))
 
 
-def parse_override(text: str) -> dict[str, Any]:
-    """`a.b=value` (value read as YAML: 3, 0.1, true, [64, 128, 256], add) into {"a": {"b": value}}."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise UserError(f"override {text!r} is not key=value, e.g. --set model.fusion=add")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
+def _nested(values: Mapping[str, Any]) -> dict[str, Any]:
+    """{"a.b": 1} → {"a": {"b": 1}}."""
     nested: dict[str, Any] = {}
-    node = nested
-    *parents, leaf = key.strip().split(".")
-    for part in parents:
-        node = node.setdefault(part, {})
-    node[leaf] = value
+    for key, value in values.items():
+        node = nested
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
     return nested
 
 
+def field_type(key: str) -> Any:
+    """The annotation of the config field `key` (e.g. `train.epochs` → int); UserError for an unknown key."""
+    node: Any = Config()
+    *sections, leaf = key.split(".")
+    for depth, name in enumerate([*sections, leaf]):
+        hints = typing.get_type_hints(type(node))
+        prefix = "".join(f"{s}." for s in sections[:depth])
+        if name not in hints:
+            known = ", ".join(f"{prefix}{n}" for n in hints)
+            raise UserError(f"unknown config key {prefix + name!r}; known keys here: {known}")
+        node = getattr(node, name)
+        if dataclasses.is_dataclass(node) != (depth < len(sections)):
+            kind = "a section: set one of its keys" if dataclasses.is_dataclass(node) else "a value, not a section"
+            raise UserError(f"config key {prefix + name!r} is {kind}")
+    return hints[leaf]
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=value` → ("a.b", value), the text read as the field's type: a str field takes the text as it
+    is (a path like `runs #1` stays whole), a list field reads YAML ([64, 128, 256]), numbers and
+    booleans are parsed strictly (no YAML 1.1 surprises such as 1:30 → 90)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise UserError(f"override {text!r} is not key=value, e.g. --set model.fusion=add")
+    annotation = field_type(key)
+    options = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ()
+    if type(None) in options:
+        annotation = next(a for a in options if a is not type(None))
+        # empty unsets any optional key; the words for "none" unset only a non-string one
+        if raw.strip() == "" or (annotation is not str and raw.strip().lower() in ("null", "none", "~")):
+            return key, None
+    wrong = UserError(f"{key} must be {getattr(annotation, '__name__', annotation)}, got {raw!r}")
+    if annotation is str:
+        return key, raw
+    if annotation is bool:
+        word = raw.strip().lower()
+        if word not in ("true", "false"):
+            raise wrong
+        return key, word == "true"
+    if annotation in (int, float):
+        try:
+            return key, annotation(raw.strip())
+        except ValueError:
+            raise wrong from None
+    try:  # lists: YAML flow syntax
+        return key, yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise wrong from None
+
+
 def load_config(
-    path: str | os.PathLike | None = None, overrides: list[str] | None = None, base: dict[str, Any] | None = None
+    path: str | os.PathLike | None = None,
+    overrides: Iterable[str] = (),
+    base: dict[str, Any] | None = None,
+    values: Mapping[str, Any] | None = None,
 ) -> Config:
-    """Defaults (or `base`, a saved config), then the YAML file at `path`, then the `key=value` overrides."""
+    """Defaults (or `base`, a saved config), then the YAML file at `path`, then the `key=value` texts of
+    `overrides` (as `--set` gives them), then `values` ({"train.epochs": 3}: typed, as flags give them)."""
     cfg = from_dict(base) if base else Config()
     if path is not None:
         file = Path(path)
         if not file.is_file():
             raise UserError(f"config file not found: {file}; pass an existing YAML file (see configs/)")
         try:
-            values = yaml.safe_load(file.read_text()) or {}
+            loaded = yaml.safe_load(file.read_text()) or {}
         except yaml.YAMLError as err:
             raise UserError(f"config file {file} is not valid YAML: {str(err).splitlines()[0]}") from None
-        if not isinstance(values, dict):
-            raise UserError(f"config file {file} must hold a mapping of sections, got {type(values).__name__}")
-        _merge(cfg, values)
-    for text in overrides or []:
-        _merge(cfg, parse_override(text))
+        if not isinstance(loaded, dict):
+            raise UserError(f"config file {file} must hold a mapping of sections, got {type(loaded).__name__}")
+        _merge(cfg, loaded)
+    _merge(cfg, _nested(dict(map(parse_override, overrides))))
+    _merge(cfg, _nested(values or {}))
     return cfg.validate()
+
+
+def with_values(cfg: Config, values: Mapping[str, Any]) -> Config:
+    """A checked copy of `cfg` with these `{"key": value}`s set."""
+    return load_config(None, base=cfg.to_dict(), values=values)
 
 
 def from_dict(values: dict[str, Any]) -> Config:
@@ -240,20 +298,22 @@ FLAG_KEYS = {
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """--data, --config, --set and the shorthands of FLAG_KEYS; `flag_overrides` turns them into overrides."""
+    """--data, --config, --set and the shorthands of FLAG_KEYS; `flag_values` reads the shorthands."""
     parser.add_argument(
         "--data", help="a prepared dataset, or any source jobs/prepare.py takes (default: $INPAINT_DATA)"
     )
     parser.add_argument("--config", help="a YAML config file (see configs/)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config value")
     parser.add_argument("--workers", type=int, help="Ray Train workers, of each trial in a study (scaling.workers)")
-    parser.add_argument("--limit", type=int, help="keep the first N source images (data.limit)")
+    parser.add_argument(
+        "--limit", type=int, help="train on the first N images, a tenth of them validating (data.limit, at least 10)"
+    )
     parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite)")
 
 
-def flag_overrides(args: argparse.Namespace, **keys: str) -> list[str]:
-    """`--set` values, then every flag given (FLAG_KEYS and the job's own `keys`: flag → config key) as
-    `key=value` overrides, so that a flag wins over a `--set` of the same key."""
+def flag_values(args: argparse.Namespace, **keys: str) -> dict[str, Any]:
+    """The flags given (FLAG_KEYS and the job's own `keys`: flag → config key) as typed config values,
+    for `load_config(values=...)`: they go in unparsed, after `--set`, so a flag wins over a `--set`."""
     given = {key: getattr(args, flag) for flag, key in (FLAG_KEYS | keys).items()}
-    return [*args.set, *(f"{key}={value}" for key, value in given.items() if value is not None)]
+    return {key: value for key, value in given.items() if value is not None}

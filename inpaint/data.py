@@ -505,12 +505,22 @@ def _pixels(blobs: Iterable[bytes], height: int, width: int) -> np.ndarray:
     return np.frombuffer(b"".join(blobs), dtype=np.uint8).reshape(-1, height, width, 3)
 
 
+def to_float_images(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 images (N,H,W,3) → float32 (N,3,H,W) in [0,1]: the one place pixels become the model's tensors.
+
+    One pass reorders HWC → CHW and converts to float; `from_numpy` then shares that memory."""
+    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2), dtype=np.float32)).div_(255)
+
+
+def to_uint8_images(images: torch.Tensor) -> np.ndarray:
+    """float (N,3,H,W) in [0,1] → uint8 images (N,H,W,3), rounded: the way back to pictures and files."""
+    return (images.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
 def batch_to_tensor(batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     """A numpy batch of prepared rows (as Ray Data gives it) -> images float32 (N,3,H,W) in [0,1], index int64 (N,).
 
     All rows of a prepared dataset share one size, so the first row's height and width hold for all.
     """
     pixels = _pixels(batch["image"], int(batch["height"][0]), int(batch["width"][0]))
-    # One pass that reorders HWC -> CHW and converts to float; from_numpy then shares that memory.
-    images = torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2), dtype=np.float32)).div_(255)
-    return images, torch.tensor(batch["index"], dtype=torch.int64)  # a copy: Ray's arrays may be read-only
+    return to_float_images(pixels), torch.tensor(batch["index"], dtype=torch.int64)  # a copy: Ray's may be read-only

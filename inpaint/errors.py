@@ -1,4 +1,4 @@
-"""One kind of error for bad user input, and the one place that turns it into a line and an exit code."""
+"""The two ways a job ends badly, and the one place that turns either into a line and an exit code."""
 
 from __future__ import annotations
 
@@ -14,8 +14,13 @@ class UserError(Exception):
     """Bad input from the user (a path, a file, a setting): the message names the problem and the fix."""
 
 
+class RunFailed(Exception):
+    """A run that started and then failed (its workers failed past `scaling.max_failures`): the message
+    names the run and the cause; the MLflow run is already marked FAILED."""
+
+
 def cli_errors(main: F) -> F:
-    """Run a job's `main`, printing a `UserError` as one `error:` line on stderr and exiting with 2."""
+    """Run a job's `main`, printing a `UserError` (exit 2) or a `RunFailed` (exit 1) as one `error:` line on stderr."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -24,5 +29,8 @@ def cli_errors(main: F) -> F:
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
+        except RunFailed as err:
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(1) from None
 
     return wrapper  # type: ignore[return-value]

@@ -6,9 +6,9 @@ composited into the known pixels. The baselines a user would otherwise reach for
 - `zero`: the unfilled input;
 - `mean`: each image's mean colour of its known pixels;
 - `telea`, `ns`: OpenCV's inpainting (Telea's fast marching, Navier–Stokes), radius 3, on uint8 images.
-A model fills at any image size: its input is replicate-padded to a multiple of 4 and its output
-cropped back. Models are rebuilt from their config and weights (`load_model`) rather than run as the
-logged pt2 graph, which `torch.export` fixed to the training image size.
+A model fills at any image size: its input is replicate-padded to a multiple of 4 (the network halves
+it twice) and its output cropped back. Models are rebuilt from their config and weights (`load_model`),
+so that a checkpoint folder and a registered MLflow model give the same `UNet` module.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from inpaint import tracking
 from inpaint.checkpoints import CHECKPOINT_FILE, load_checkpoint_state, model_from_state
-from inpaint.data import Progress, is_prepared, load_source, read_manifest, read_split
+from inpaint.data import Progress, is_prepared, load_source, read_manifest, read_split, to_float_images, to_uint8_images
 from inpaint.errors import UserError
 from inpaint.masks import MaskConfig, apply_holes, fixed_masks
 from inpaint.metrics import METRIC_NAMES, MetricTotals, composite
@@ -59,10 +59,9 @@ def mean_fill(masked: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def opencv_fill(masked: torch.Tensor, mask: torch.Tensor, method: int) -> torch.Tensor:
     """`cv2.inpaint` with `method` (cv2.INPAINT_TELEA or cv2.INPAINT_NS), image by image, on uint8 pixels."""
-    pixels = (masked * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     holes = mask[:, 0].to(torch.uint8).numpy()
-    filled = np.stack([cv2.inpaint(p, h, INPAINT_RADIUS, method) for p, h in zip(pixels, holes, strict=True)])
-    return torch.from_numpy(filled).permute(0, 3, 1, 2).float() / 255
+    pixels = zip(to_uint8_images(masked), holes, strict=True)
+    return to_float_images(np.stack([cv2.inpaint(p, h, INPAINT_RADIUS, method) for p, h in pixels]))
 
 
 BASELINES: dict[str, Fill] = {
@@ -144,11 +143,6 @@ def holes_params(holes: MaskConfig, seed: int) -> dict[str, int | str]:
     }
 
 
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N,H,W,3) → float (N,3,H,W) in [0, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
-
-
 # ---------------------------------------------------------------------------------------------
 # Scoring and reporting
 
@@ -169,7 +163,7 @@ def evaluate(
     height, width = images.shape[1:3]
     totals = {name: MetricTotals() for name in methods}
     for start in range(0, len(images), batch_size):
-        target = to_tensor(images[start : start + batch_size])
+        target = to_float_images(images[start : start + batch_size])
         mask = fixed_masks(index[start : start + batch_size], height, width, holes, seed)
         masked = apply_holes(target, mask)
         for name, fill in methods.items():
@@ -183,7 +177,7 @@ def comparison_grid(
     methods: dict[str, Fill], images: np.ndarray, index: np.ndarray, holes: MaskConfig, seed: int
 ) -> np.ndarray:
     """A labelled picture, a row per image: masked | each method's fill (composited) | ground truth."""
-    target = to_tensor(images)
+    target = to_float_images(images)
     mask = fixed_masks(index, *images.shape[1:3], holes, seed)
     masked = apply_holes(target, mask)
     filled = [composite(fill(masked, mask), target, mask) for fill in methods.values()]
@@ -229,8 +223,7 @@ def log_evaluation(report: dict, picture: np.ndarray, tracking_uri: str, experim
 
 def inpaint_image(model: UNet, image: np.ndarray, hole: np.ndarray) -> np.ndarray:
     """`image` uint8 (H,W,3) with the pixels where `hole` (H,W) is true filled by `model`; the others unchanged."""
-    target = to_tensor(image[None])
+    target = to_float_images(image[None])
     mask = torch.from_numpy(hole[None, None]).float()
     pred = model_fill(model, apply_holes(target, mask), mask)
-    filled = (pred[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
-    return np.where(hole[..., None], filled, image)
+    return np.where(hole[..., None], to_uint8_images(pred)[0], image)

@@ -27,7 +27,6 @@ import mlflow.pytorch
 import numpy as np
 import torch
 import torch.nn.functional as F
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from mlflow import MlflowClient
@@ -37,16 +36,11 @@ from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 from PIL import Image, ImageDraw, ImageFont
 
+from inpaint.data import to_uint8_images
 from inpaint.errors import UserError
 from inpaint.vision import import_torchvision
 
 logger = logging.getLogger(__name__)
-
-# MLflow's HTTP client retries a failed request 7 times with exponential backoff, about 4 minutes.
-# A tracking-server restart should stall training for about a minute at most before `log_metrics`
-# buffers instead: 6 retries with factor 1 wait 0, 2, 4, 8, 16, 32 s. Set the variables to override.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "6")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 CONFIG_FILE = "config.json"  # the run's params as given (nested, typed), for resuming the run
@@ -246,7 +240,7 @@ def _redacted(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def log_metrics(run_id: str, metrics: Mapping[str, float], step: int, *, tracking_uri: str | None = None) -> None:
     """Log `metrics` at `step` in one batch, after any earlier ones that could not be sent.
 
-    MLflow's client retries for about a minute (see the top of this module); if the store is still
+    MLflow's client retries for about a minute (as `runtime.configure_process` sets it); if the store is still
     unreachable, the metrics stay buffered in memory for the next call, with a warning: a restarting
     tracking server costs no metrics and no training.
     """
@@ -309,10 +303,17 @@ def _is_transient(err: MlflowException) -> bool:
 # Pictures
 
 
-def log_picture(run_id: str, image: np.ndarray, artifact_file: str, *, tracking_uri: str | None = None) -> None:
-    """Log an (H, W, 3) uint8 picture as a PNG artifact; skipped with a warning if the store is unreachable."""
+def log_picture(
+    run_id: str, picture: np.ndarray | Figure, artifact_file: str, *, tracking_uri: str | None = None
+) -> None:
+    """Log an (H, W, 3) uint8 picture or a matplotlib figure as a PNG artifact; skipped with a warning if the
+    store is unreachable."""
+    client = MlflowClient(tracking_uri)
     try:
-        MlflowClient(tracking_uri).log_image(run_id, image, artifact_file=artifact_file)
+        if isinstance(picture, Figure):
+            client.log_figure(run_id, picture, artifact_file)
+        else:
+            client.log_image(run_id, picture, artifact_file=artifact_file)
     except MlflowException as err:
         if not _is_transient(err):
             raise
@@ -361,7 +362,7 @@ def picture_grid(
     scale = max(1, 128 // min(tiles.shape[-2:]))
     tiles = F.interpolate(tiles, scale_factor=scale, mode="nearest")
     grid = make_grid(tiles, nrow=len(columns), padding=2, pad_value=1.0)
-    picture = (grid.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    picture = to_uint8_images(grid[None])[0]
     if labels is None:
         return picture
     header = Image.new("RGB", (picture.shape[1], LABEL_HEIGHT), "white")
@@ -373,19 +374,16 @@ def picture_grid(
     return np.concatenate([np.asarray(header), picture])
 
 
-def curves_picture(history: Mapping[str, list[float]], title: str) -> np.ndarray:
-    """Each metric over epochs (1, 2, ...) in its own panel, as one (H, W, 3) uint8 picture."""
-    figure = Figure(figsize=(3.2 * len(history), 3.2), dpi=100)  # no pyplot: no global state, no display
-    canvas = FigureCanvasAgg(figure)
+def curves_figure(history: Mapping[str, list[float]], title: str) -> Figure:
+    """Each metric over epochs (1, 2, ...) in its own panel."""
+    figure = Figure(figsize=(3.2 * len(history), 3.2), dpi=100, layout="tight")  # no pyplot: no global state
     for axes, (name, values) in zip(np.atleast_1d(figure.subplots(1, len(history))), history.items(), strict=True):
         axes.plot(range(1, len(values) + 1), values, marker="o", markersize=3)
         axes.set(title=name, xlabel="epoch")
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(alpha=0.3)
     figure.suptitle(title)
-    figure.tight_layout()
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+    return figure
 
 
 # ---------------------------------------------------------------------------------------------
@@ -473,11 +471,8 @@ def set_alias(name: str, alias: str, version: str, *, tracking_uri: str | None =
 
 
 def logged_model_state(model_uri: str, *, tracking_uri: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The weights of a model `log_model` logged, and the config of the run it was logged in.
-
-    The pt2 graph only takes inputs of the height and width it was exported with (`torch.export`
-    specializes them); the network rebuilt from its config and these weights takes any size.
-    """
+    """The weights of a model `log_model` logged, and the config of the run it was logged in, from which
+    `checkpoints.model_from_state` rebuilds the network as a module of this project."""
     if tracking_uri is not None:
         mlflow.set_tracking_uri(tracking_uri)  # mlflow.pytorch.load_model only reads the process's URI
     try:

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import ray
 import ray.train
 import torch
@@ -30,11 +31,12 @@ from ray.train.torch import TorchTrainer
 from inpaint import tracking
 from inpaint.checkpoints import load_checkpoint_state, model_from_state, save_checkpoint_state
 from inpaint.config import Config, from_dict, load_config
-from inpaint.data import batch_to_tensor, is_prepared, prepare, read_manifest, read_split, split_files
-from inpaint.errors import UserError
+from inpaint.data import batch_to_tensor, is_prepared, prepare, read_manifest, read_split, split_files, to_float_images
+from inpaint.errors import RunFailed, UserError
 from inpaint.masks import apply_holes, fixed_masks, random_masks
 from inpaint.metrics import MetricTotals, composite, reconstruction_loss
 from inpaint.models import build_model, model_input
+from inpaint.runtime import configure_process
 
 LOWER_IS_BETTER = {"val_loss", "val_l1_hole", "train_loss"}
 CURVES = ["train_loss", "val_loss", "val_psnr_hole", "val_dice"]  # drawn in curves.png
@@ -111,7 +113,7 @@ def validation_holes(cfg: Config, index: torch.Tensor, height: int, width: int) 
 
 
 # ---------------------------------------------------------------------------------------------
-# The worker loop: what each Ray Train worker runs.
+# The worker loop: what each Ray Train worker runs, one named step after another.
 
 
 class ImageBatches(NumpyBatchCollateFn):
@@ -121,118 +123,177 @@ class ImageBatches(NumpyBatchCollateFn):
         return batch_to_tensor(batch)
 
 
+@dataclass
+class Worker:
+    """What one Ray Train worker holds from epoch to epoch."""
+
+    cfg: Config
+    rank: int
+    world_size: int
+    module: torch.nn.Module  # the plain network: checkpoints and pictures are made from it
+    model: torch.nn.Module  # the same network as DDP trains it (after `prepare_model`)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    run_id: str
+    tracking_uri: str
+    height: int
+    width: int
+    steps_per_epoch: int
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """One worker's run: restore, then per epoch train, validate, checkpoint and report, log (rank 0)."""
+    configure_process()
+    worker = start_worker(loop_config)
+    first_epoch = restore(worker)
+    worker.model = ray.train.torch.prepare_model(worker.module)  # DDP over gloo; worker.module stays plain
+    samples = read_split(loop_config["data"], "val", limit=worker.cfg.train.samples) if worker.rank == 0 else None
+    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    for epoch in range(first_epoch, worker.cfg.train.epochs + 1):
+        train_sums = train_one_epoch(worker, train_shard, epoch)
+        metrics = validate(worker, val_shard, epoch, train_sums)
+        checkpoint_and_report(worker, epoch, metrics)
+        if worker.rank == 0:
+            log_epoch(worker, epoch, metrics, samples)
+
+
+def start_worker(loop_config: dict[str, Any]) -> Worker:
+    """The config, this worker's threads, and the network with its optimizer: the same weights on every worker."""
     cfg = from_dict(loop_config["config"])
-    run_id, tracking_uri = loop_config["mlflow_run_id"], loop_config["tracking_uri"]
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))  # one thread per CPU Ray gave us
+    cfg.train.precision = training_precision(cfg)  # "auto" resolved once, for this worker's CPU, not every step
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    height, width = loop_config["height"], loop_config["width"]
-    steps_per_epoch = math.ceil(loop_config["train_rows"] / (cfg.train.batch_size * world_size))
-    progress_every = max(1, steps_per_epoch // 10)  # a progress line every tenth of an epoch
-
-    cfg.train.precision = training_precision(cfg)  # "auto" resolved once, for this worker's CPU, not every step
     if rank == 0:
-        tracking.set_tag(run_id, "train.precision_used", cfg.train.precision, tracking_uri=tracking_uri)
-
+        tracking.set_tag(
+            loop_config["mlflow_run_id"], "train.precision_used", cfg.train.precision,
+            tracking_uri=loop_config["tracking_uri"],
+        )  # fmt: skip
     torch.manual_seed(cfg.train.seed)  # same initial weights on every worker
-    model = build_model(cfg.model)
+    module = build_model(cfg.model)
     if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer, scheduler = build_optimizer(model, cfg, steps_per_epoch)
-    start_epoch = 1
+        module = module.to(memory_format=torch.channels_last)
+    steps_per_epoch = math.ceil(loop_config["train_rows"] / (cfg.train.batch_size * world_size))
+    optimizer, scheduler = build_optimizer(module, cfg, steps_per_epoch)
+    return Worker(
+        cfg, rank, world_size, module, module, optimizer, scheduler,
+        loop_config["mlflow_run_id"], loop_config["tracking_uri"],
+        loop_config["height"], loop_config["width"], steps_per_epoch,
+    )  # fmt: skip
+
+
+def restore(worker: Worker) -> int:
+    """Load Ray Train's latest checkpoint (a restarted worker group, or `--resume`), if any; the first epoch to run."""
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as path:
-            state = load_checkpoint_state(path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch = state["epoch"] + 1
-        if rank == 0:  # the run may have stopped between the checkpoint and its MLflow metrics
-            print(f"resumed from the checkpoint of epoch {state['epoch']}", flush=True)
-            tracking.log_metrics_once(run_id, state["metrics"], step=state["epoch"], tracking_uri=tracking_uri)
-    model = ray.train.torch.prepare_model(model)
-    samples = read_split(loop_config["data"], "val", limit=cfg.train.samples) if rank == 0 else None
-
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
-    for epoch in range(start_epoch, cfg.train.epochs + 1):
-        # fresh holes every epoch, different on every worker, reproducible after a restart
-        holes = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + epoch * 1_009 + rank)
-        model.train()
-        loss_sum, images_seen, started = 0.0, 0, time.perf_counter()
-        batches = train_shard.iter_torch_batches(
-            batch_size=cfg.train.batch_size, collate_fn=ImageBatches(), prefetch_batches=2
+    if not checkpoint:
+        return 1
+    with checkpoint.as_directory() as path:
+        state = load_checkpoint_state(path)
+    worker.module.load_state_dict(state["model"])
+    worker.optimizer.load_state_dict(state["optimizer"])
+    worker.scheduler.load_state_dict(state["scheduler"])
+    if worker.rank == 0:  # the run may have stopped between the checkpoint and its MLflow metrics
+        print(f"resumed from the checkpoint of epoch {state['epoch']}", flush=True)
+        tracking.log_metrics_once(
+            worker.run_id, state["metrics"], step=state["epoch"], tracking_uri=worker.tracking_uri
         )
-        for step, (images, _) in enumerate(batches, start=1):
-            masks = random_masks(len(images), height, width, cfg.masks, holes)
-            loss = train_step(model, optimizer, scheduler, images, masks, cfg)  # validation below stays fp32
-            loss_sum += loss.item() * len(images)
-            images_seen += len(images)
-            if rank == 0 and step % progress_every == 0:
-                elapsed = time.perf_counter() - started
-                print(
-                    f"epoch {epoch} step {step}/{steps_per_epoch}  loss {loss_sum / images_seen:.4f}  "
-                    f"{images_seen * world_size / elapsed:.0f} img/s",
-                    flush=True,
-                )
-        train_seconds = time.perf_counter() - started
+    return state["epoch"] + 1
 
-        model.eval()
-        totals, val_loss_sum = MetricTotals(), 0.0
-        for images, index in val_shard.iter_torch_batches(batch_size=256, collate_fn=ImageBatches()):
-            masks = validation_holes(cfg, index, height, width)
-            pred = fill(model, images, masks)
-            loss = reconstruction_loss(pred, images, masks, cfg.train.loss, cfg.train.hole_weight)
-            val_loss_sum += loss.item() * len(images)
-            totals.update(images, pred, masks)
-        # one all-reduce for everything the epoch's metrics need
-        summed = torch.cat([totals.state(), torch.tensor([loss_sum, images_seen, val_loss_sum, train_seconds])])
-        dist.all_reduce(summed)
-        state_sums, (loss_total, seen_total, val_loss_total, seconds_total) = summed[:-4], summed[-4:].tolist()
-        val = MetricTotals.compute(state_sums)
-        metrics = {
-            "epoch": epoch,
-            "train_loss": loss_total / seen_total,
-            "val_loss": val_loss_total / state_sums[-1].item(),
-            **{f"val_{name}": value for name, value in val.items()},
-            # workers run side by side: the epoch's wall time is their mean time
-            "images_per_s": seen_total / (seconds_total / world_size),
-            "lr": scheduler.get_last_lr()[0],
-        }
 
-        with tempfile.TemporaryDirectory() as tmp:
-            if rank == 0:
-                unwrapped = model.module if hasattr(model, "module") else model
-                save_checkpoint_state(
-                    tmp,
-                    {
-                        "model": unwrapped.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "epoch": epoch,
-                        "config": cfg.to_dict(),
-                        "metrics": metrics,
-                    },
-                )
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
-        # After report(): a restart from this checkpoint re-sends these metrics, and one that lost it (a worker
-        # died before Ray Train registered it) redoes the epoch; log_metrics_once keeps either to one record.
-        if rank == 0:
-            tracking.log_metrics_once(run_id, metrics, step=epoch, tracking_uri=tracking_uri)
-            images, index = samples
-            images = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
-            masks = validation_holes(cfg, torch.from_numpy(index), height, width)
-            filled = composite(fill(model, images, masks), images, masks)  # what a user gets back
-            picture = tracking.sample_grid(apply_holes(images, masks), filled, images, masks)
-            tracking.log_picture(run_id, picture, f"samples/epoch_{epoch:03d}.png", tracking_uri=tracking_uri)
+def train_one_epoch(worker: Worker, shard: ray.data.DataIterator, epoch: int) -> list[float]:
+    """One pass over this worker's shard, fresh holes every batch; returns [loss sum, images, seconds]."""
+    cfg = worker.cfg
+    # fresh holes every epoch, different on every worker, reproducible after a restart
+    holes = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + epoch * 1_009 + worker.rank)
+    progress_every = max(1, worker.steps_per_epoch // 10)  # a progress line every tenth of an epoch
+    worker.model.train()
+    loss_sum, images_seen, started = 0.0, 0, time.perf_counter()
+    batches = shard.iter_torch_batches(batch_size=cfg.train.batch_size, collate_fn=ImageBatches(), prefetch_batches=2)
+    for step, (images, _) in enumerate(batches, start=1):
+        masks = random_masks(len(images), worker.height, worker.width, cfg.masks, holes)
+        loss = train_step(worker.model, worker.optimizer, worker.scheduler, images, masks, cfg)
+        loss_sum += loss.item() * len(images)
+        images_seen += len(images)
+        if worker.rank == 0 and step % progress_every == 0:
+            rate = images_seen * worker.world_size / (time.perf_counter() - started)
             print(
-                f"epoch {epoch}/{cfg.train.epochs}  train_loss {metrics['train_loss']:.4f}  "
-                f"val_psnr_hole {metrics['val_psnr_hole']:.2f} dB  val_dice {metrics['val_dice']:.4f}  "
-                f"val_ssim {metrics['val_ssim']:.4f}  {metrics['images_per_s']:.0f} img/s",
+                f"epoch {epoch} step {step}/{worker.steps_per_epoch}  loss {loss_sum / images_seen:.4f}  "
+                f"{rate:.0f} img/s",
                 flush=True,
             )
+    return [loss_sum, images_seen, time.perf_counter() - started]
+
+
+def validate(worker: Worker, shard: ray.data.DataIterator, epoch: int, train_sums: list[float]) -> dict[str, float]:
+    """Score this worker's share of the validation split on its fixed holes (in fp32), then all-reduce
+    those totals and the epoch's training sums in one call: every worker gets the epoch's metrics."""
+    cfg = worker.cfg
+    worker.model.eval()
+    totals, val_loss_sum = MetricTotals(), 0.0
+    for images, index in shard.iter_torch_batches(batch_size=256, collate_fn=ImageBatches()):
+        masks = validation_holes(cfg, index, worker.height, worker.width)
+        pred = fill(worker.model, images, masks)
+        val_loss_sum += reconstruction_loss(pred, images, masks, cfg.train.loss, cfg.train.hole_weight).item() * len(
+            images
+        )
+        totals.update(images, pred, masks)
+    summed = torch.cat([totals.state(), torch.tensor([*train_sums, val_loss_sum], dtype=torch.float64)])
+    dist.all_reduce(summed)
+    state_sums, (loss_total, seen_total, seconds_total, val_loss_total) = summed[:-4], summed[-4:].tolist()
+    return {
+        "epoch": epoch,
+        "train_loss": loss_total / seen_total,
+        "val_loss": val_loss_total / state_sums[-1].item(),
+        **{f"val_{name}": value for name, value in MetricTotals.compute(state_sums).items()},
+        # workers run side by side: the epoch's wall time is their mean time
+        "images_per_s": seen_total / (seconds_total / worker.world_size),
+        "lr": worker.scheduler.get_last_lr()[0],
+    }
+
+
+def checkpoint_and_report(worker: Worker, epoch: int, metrics: dict[str, float]) -> None:
+    """Report the epoch to Ray Train, rank 0 with a checkpoint of everything a restart needs."""
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = None
+        if worker.rank == 0:
+            state = {
+                "model": worker.module.state_dict(),
+                "optimizer": worker.optimizer.state_dict(),
+                "scheduler": worker.scheduler.state_dict(),
+                "epoch": epoch,
+                "config": worker.cfg.to_dict(),
+                "metrics": metrics,
+            }
+            save_checkpoint_state(folder, state)
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def log_epoch(worker: Worker, epoch: int, metrics: dict[str, float], samples: tuple[np.ndarray, np.ndarray]) -> None:
+    """Rank 0: the epoch's metrics and a picture of fixed validation samples to MLflow, and one line.
+
+    After `report()`: a restart from this checkpoint re-sends these metrics, and one that lost it (a worker
+    died before Ray Train registered it) redoes the epoch; `log_metrics_once` keeps either to one record."""
+    tracking.log_metrics_once(worker.run_id, metrics, step=epoch, tracking_uri=worker.tracking_uri)
+    picture = sample_picture(worker.module, worker.cfg, *samples)
+    tracking.log_picture(worker.run_id, picture, f"samples/epoch_{epoch:03d}.png", tracking_uri=worker.tracking_uri)
+    print(
+        f"epoch {epoch}/{worker.cfg.train.epochs}  train_loss {metrics['train_loss']:.4f}  "
+        f"val_psnr_hole {metrics['val_psnr_hole']:.2f} dB  val_dice {metrics['val_dice']:.4f}  "
+        f"val_ssim {metrics['val_ssim']:.4f}  {metrics['images_per_s']:.0f} img/s",
+        flush=True,
+    )
+
+
+def sample_picture(module: torch.nn.Module, cfg: Config, pixels: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """masked | filled | ground truth for these validation images on their fixed holes.
+
+    Drawn with the plain module on one worker only: a forward through the DDP wrapper after a training
+    step would start a buffer broadcast that the other workers never join."""
+    images = to_float_images(pixels)
+    masks = validation_holes(cfg, torch.from_numpy(index), *images.shape[-2:])
+    filled = composite(fill(module, images, masks), images, masks)  # what a user gets back
+    return tracking.sample_grid(apply_holes(images, masks), filled, images, masks)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,9 +321,14 @@ def check_cluster_fits(cfg: Config) -> None:
         )
 
 
-def check_holes_fit(cfg: Config, data: str) -> None:
-    """Refuse holes that cannot be drawn on the dataset's images, before any Ray work."""
+def check_data(cfg: Config, data: str) -> None:
+    """Refuse, before any Ray work, a dataset with no validation images, and holes that cannot be drawn
+    on its images."""
     manifest = read_manifest(data)
+    if not manifest["splits"].get("val"):
+        raise UserError(
+            f"{data} has no validation images: prepare it again with --val N (jobs/prepare.py), N at least 1"
+        )
     for name in ("masks", "val_masks"):
         try:
             getattr(cfg, name).validate(manifest["height"], manifest["width"])
@@ -270,20 +336,42 @@ def check_holes_fit(cfg: Config, data: str) -> None:
             raise UserError(f"{name}: {err}") from None
 
 
+def validation_rows(cfg: Config) -> int:
+    """`data.val`; a quick run on the first N images keeps the paper's 9:1 train/validation ratio."""
+    return min(cfg.data.val, cfg.data.limit // 10) if cfg.data.limit else cfg.data.val
+
+
+def limited_rows(cfg: Config) -> tuple[int | None, int | None]:
+    """How many training and validation rows `data.limit` (and `data.val_limit`) keep: the first N images,
+    split 9:1 as `prepare_data` splits a limited source; (None, None) for all of them."""
+    limit = cfg.data.limit
+    val = validation_rows(cfg) if limit else None
+    train = limit - val if limit else None
+    if cfg.data.val_limit:
+        val = min(val or cfg.data.val_limit, cfg.data.val_limit)
+    return train, val
+
+
 def read_datasets(cfg: Config, data: str) -> dict[str, ray.data.Dataset]:
-    """The train and validation splits, materialized before the workers take the CPUs, so that reading
-    never waits on them (a Tune study reads them once for all its trials).
+    """The train and validation splits, limited to `data.limit` images and materialized before the workers
+    take the CPUs, so that reading never waits on them (a Tune study reads them once for all its trials).
 
     They are read on this (the driver's) node, so their blocks outlive any worker node: a block lost
     with a node would be rebuilt by a read task, which waits forever for a CPU the workers hold."""
-    ray.data.DataContext.get_current().enable_progress_bars = False  # our per-epoch lines say enough
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # else every worker line shows twice
     here = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
-    train = ray.data.read_parquet(split_files(data, "train"), label_selector=here)
-    val = ray.data.read_parquet(split_files(data, "val"), label_selector=here)
-    if cfg.data.val_limit:
-        val = val.limit(cfg.data.val_limit)
-    return {"train": train.materialize(), "val": val.materialize()}
+    datasets = {}
+    for split, rows in zip(("train", "val"), limited_rows(cfg), strict=True):
+        dataset = ray.data.read_parquet(split_files(data, split), label_selector=here)
+        datasets[split] = (dataset.limit(rows) if rows else dataset).materialize()
+    return datasets
+
+
+def tag_data_rows(run_id: str, datasets: dict[str, ray.data.Dataset], tracking_uri: str) -> None:
+    """Tag the run with the images it trains and validates on (`data.limit` applied), and say them."""
+    rows = {split: dataset.count() for split, dataset in datasets.items()}  # materialized: no reading
+    for split, count in rows.items():
+        tracking.set_tag(run_id, f"data.{split}_rows", str(count), tracking_uri=tracking_uri)
+    print(f"data: {rows['train']:,} training and {rows['val']:,} validation images", flush=True)
 
 
 def make_trainer(
@@ -304,9 +392,6 @@ def make_trainer(
     """
     manifest = read_manifest(data)
     datasets = datasets or read_datasets(cfg, data)
-    storage_path = cfg.scaling.storage_path
-    if "://" not in storage_path:
-        storage_path = os.path.abspath(storage_path)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -316,7 +401,7 @@ def make_trainer(
             "tracking_uri": tracking_uri,
             "height": manifest["height"],
             "width": manifest["width"],
-            "train_rows": manifest["splits"]["train"],
+            "train_rows": datasets["train"].count(),  # materialized: counted without reading
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.workers,
@@ -325,7 +410,7 @@ def make_trainer(
         ),
         run_config=ray.train.RunConfig(
             name=run_name,
-            storage_path=storage_path,
+            storage_path=storage_path(cfg),
             callbacks=callbacks,
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
@@ -338,6 +423,12 @@ def make_trainer(
     )
 
 
+def storage_path(cfg: Config) -> str:
+    """`scaling.storage_path` as Ray wants it: a URI, or an absolute path (workers run in other folders)."""
+    path = cfg.scaling.storage_path
+    return path if "://" in path else os.path.abspath(path)
+
+
 def log_checkpoint_model(
     cfg: Config, checkpoint: ray.train.Checkpoint, run_id: str, data: str, tracking_uri: str
 ) -> tuple[str, dict[str, Any]]:
@@ -346,8 +437,8 @@ def log_checkpoint_model(
     with checkpoint.as_directory() as path:
         state = load_checkpoint_state(path)
     model = model_from_state(state)
-    images, index = read_split(data, "val", limit=4)
-    images = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    pixels, index = read_split(data, "val", limit=4)
+    images = to_float_images(pixels)
     masks = validation_holes(cfg, torch.from_numpy(index), images.shape[-2], images.shape[-1])
     val_tags = {k: f"{v:.4f}" for k, v in state["metrics"].items() if k.startswith("val_")}
     model_uri = tracking.log_model(
@@ -364,16 +455,31 @@ def log_checkpoint_model(
 def finish_run(
     cfg: Config, result: ray.train.Result, run_id: str, run_name: str, data: str, tracking_uri: str
 ) -> RunResult:
-    """Log the best epoch's model (registered) and the curves picture, then end the MLflow run."""
-    sign = 1 if metric_mode(cfg.train.best_metric) == "max" else -1
-    best_checkpoint, best_metrics = max(result.best_checkpoints, key=lambda pair: sign * pair[1][cfg.train.best_metric])
+    """Log the best epoch's model (registered) and the curves, then end the MLflow run."""
+    best_checkpoint = result.get_best_checkpoint(cfg.train.best_metric, metric_mode(cfg.train.best_metric))
     model_uri, state = log_checkpoint_model(cfg, best_checkpoint, run_id, data, tracking_uri)
-    val_metrics = {k: float(v) for k, v in best_metrics.items() if k.startswith("val_")}
     history = tracking.metric_history(run_id, CURVES, tracking_uri=tracking_uri)
-    picture = tracking.curves_picture(history, run_name)
-    tracking.log_picture(run_id, picture, "curves.png", tracking_uri=tracking_uri)
+    tracking.log_picture(run_id, tracking.curves_figure(history, run_name), "curves.png", tracking_uri=tracking_uri)
     tracking.end_run(run_id, "FINISHED", tracking_uri=tracking_uri)
+    val_metrics = {k: float(v) for k, v in state["metrics"].items() if k.startswith("val_")}
     return RunResult(run_id, run_name, model_uri, int(state["epoch"]), val_metrics, int(result.metrics["epoch"]))
+
+
+def failure_cause(err: ray.train.TrainingFailedError) -> str:
+    """One line naming what failed: a worker that died (the others then fail on its closed connection),
+    else the lowest rank's error, else the controller's."""
+    # a dead worker shows as a failed health check wrapping Ray's ActorDiedError: name the latter
+    failures = {
+        rank: getattr(failure, "health_check_failure", failure)
+        for rank, failure in getattr(err, "worker_failures", {}).items()
+    }
+    if failures:
+        rank = min(failures, key=lambda r: (not isinstance(failures[r], ray.exceptions.RayActorError), r))
+        cause, where = failures[rank], f"worker {rank}"
+    else:
+        cause, where = getattr(err, "controller_failure", err), "Ray Train"
+    first_line = next((line for line in str(cause).splitlines() if line.strip()), "")
+    return f"{where}: {type(cause).__name__}: {first_line}"[:500]
 
 
 def connect_ray(address: str | None) -> None:
@@ -422,26 +528,33 @@ def prepare_data(cfg: Config) -> str:
     name = os.path.basename(os.path.normpath(source)).split(".")[0] or "data"
     limit = f"-{cfg.data.limit}" if cfg.data.limit else ""
     out = cfg.data.prepared or os.path.abspath(os.path.join("data", f"prepared-{name}{limit}"))
-    # a quick run on the first N images keeps the paper's 9:1 train/validation ratio
-    val = min(cfg.data.val, cfg.data.limit // 10) if cfg.data.limit else cfg.data.val
-    prepare(source, out, val=val, limit=cfg.data.limit, seed=cfg.data.seed)
+    prepare(source, out, val=validation_rows(cfg), limit=cfg.data.limit, seed=cfg.data.seed)
     return out
 
 
-def train(cfg: Config, *, resume: str | None = None, overrides: list[str] | None = None) -> RunResult:
+def train(
+    cfg: Config,
+    *,
+    resume: str | None = None,
+    config_file: str | None = None,
+    overrides: list[str] = (),
+    values: dict[str, Any] | None = None,
+) -> RunResult:
     """One training run: prepared data, MLflow run, TorchTrainer, registered best model.
 
-    With `resume` (a run name printed by an earlier run), that run's saved config, with `overrides`
-    on top (e.g. more epochs), and its checkpoints are picked up, and its MLflow run continues.
+    With `resume` (a run name printed by an earlier run), that run's saved config, with `config_file`,
+    `overrides` and `values` on top as `load_config` applies them (e.g. more epochs), and its checkpoints
+    are picked up, and its MLflow run continues. A run whose workers fail past `scaling.max_failures`
+    ends FAILED, its cause in the tag `failure`, and raises `RunFailed`; Ctrl-C ends it KILLED.
     """
     tracking_uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
     tracking.check_tracking(tracking_uri)  # fail before any Ray work
     if resume:
         run_id, saved = tracking.find_run(tracking_uri, cfg.tracking.experiment, resume)
-        cfg = load_config(None, overrides, base=saved)
+        cfg = load_config(config_file, overrides, base=saved, values=values)
         run_name = resume
     data = prepare_data(cfg)
-    check_holes_fit(cfg, data)
+    check_data(cfg, data)
     connect_ray(cfg.scaling.address)
     check_cluster_fits(cfg)
     if not resume:
@@ -450,13 +563,17 @@ def train(cfg: Config, *, resume: str | None = None, overrides: list[str] | None
     else:
         tracking.start_run(tracking_uri, cfg.tracking.experiment, run_name, {}, run_id=run_id)  # RUNNING again
     print(f"run {run_name}: MLflow run {run_id} at {tracking_uri}", flush=True)
-    trainer = make_trainer(cfg, data, run_name, run_id, tracking_uri)
+    datasets = read_datasets(cfg, data)
+    tag_data_rows(run_id, datasets, tracking_uri)
+    trainer = make_trainer(cfg, data, run_name, run_id, tracking_uri, datasets=datasets)
     try:
         result = trainer.fit()
-    except BaseException:
+    except ray.train.TrainingFailedError as err:
+        cause = failure_cause(err)
+        tracking.set_tag(run_id, "failure", cause, tracking_uri=tracking_uri)
+        tracking.end_run(run_id, "FAILED", tracking_uri=tracking_uri)
+        raise RunFailed(f"run {run_name} failed ({cause}); fix the cause, then --resume {run_name}") from None
+    except BaseException:  # Ctrl-C, or the driver itself going down
         tracking.end_run(run_id, "KILLED", tracking_uri=tracking_uri)
         raise
-    if result.error is not None:
-        tracking.end_run(run_id, "FAILED", tracking_uri=tracking_uri)
-        raise result.error
     return finish_run(cfg, result, run_id, run_name, data, tracking_uri)

@@ -30,6 +30,7 @@ from inpaint.evaluate import (
     model_fill,
 )
 from inpaint.masks import KINDS, MaskConfig
+from inpaint.runtime import configure_process
 
 MODEL_HELP = "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, or a checkpoint folder (with state.pt)"
 
@@ -66,6 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @cli_errors
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    configure_process()
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be a positive number of images, got {args.limit}")
     holes = MaskConfig(kind=args.holes, min_size=args.min_size, max_size=args.max_size)

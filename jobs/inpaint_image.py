@@ -17,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 from inpaint import tracking
 from inpaint.errors import UserError, cli_errors
 from inpaint.evaluate import inpaint_image, load_model
+from inpaint.runtime import configure_process
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,6 +49,7 @@ def read_image(path: Path, mode: str) -> np.ndarray:
 @cli_errors
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    configure_process()
     image = read_image(args.image, "RGB")
     hole = read_image(args.mask, "L") > 127
     if hole.shape != image.shape[:2]:

@@ -10,6 +10,7 @@ import time
 
 from inpaint.data import prepare
 from inpaint.errors import cli_errors
+from inpaint.runtime import configure_process
 
 DESCRIPTION = """\
 Decode a dataset once into training-ready Parquet shards of raw pixels, split into train/val(/test).
@@ -44,6 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @cli_errors
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    configure_process()
     started = time.perf_counter()
     manifest = prepare(args.source, args.out, val=args.val, limit=args.limit, seed=args.seed, download=args.download)
     rows = ", ".join(f"{split} {count:,}" for split, count in manifest["splits"].items())

@@ -12,8 +12,9 @@ import json
 from pathlib import Path
 
 from inpaint import tracking
-from inpaint.config import add_config_flags, flag_overrides, load_config
+from inpaint.config import add_config_flags, flag_values, load_config
 from inpaint.errors import cli_errors
+from inpaint.runtime import configure_process
 from inpaint.train import train
 
 
@@ -21,7 +22,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_flags(parser)
     parser.add_argument("--epochs", type=int, help="training epochs (train.epochs)")
-    parser.add_argument("--resume", metavar="RUN_NAME", help="continue a stopped run from its last checkpoint")
+    parser.add_argument(
+        "--resume",
+        metavar="RUN_NAME",
+        help="continue a stopped run from its last checkpoint, with the config it started with; "
+        "--config FILE and --set/flags given with it apply on top (e.g. --epochs 12)",
+    )
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the final metrics, run id and model URI")
     return parser.parse_args(argv)
 
@@ -29,9 +35,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @cli_errors
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    overrides = flag_overrides(args, epochs="train.epochs")
-    cfg = load_config(args.config, overrides)
-    result = train(cfg, resume=args.resume, overrides=overrides)
+    configure_process()
+    values = flag_values(args, epochs="train.epochs")
+    cfg = load_config(args.config, args.set, values=values)
+    result = train(cfg, resume=args.resume, config_file=args.config, overrides=args.set, values=values)
 
     uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
     rows = [

@@ -13,9 +13,11 @@ import json
 from pathlib import Path
 
 from inpaint import tracking
-from inpaint.config import VAL_METRICS, add_config_flags, flag_overrides, load_config
+from inpaint.config import VAL_METRICS, add_config_flags, flag_values, load_config
 from inpaint.errors import cli_errors
-from inpaint.tune import load_space, run_study
+from inpaint.runtime import configure_process
+from inpaint.spaces import load_space
+from inpaint.tune import run_study
 
 DEFAULT_SAMPLES = 8  # for a space file that does not say
 
@@ -40,9 +42,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @cli_errors
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    configure_process()
     space = load_space(args.space)  # a bad space stops here, before anything starts
-    overrides = [*space.overrides(), *flag_overrides(args, metric="train.best_metric")]
-    cfg = load_config(args.config, overrides)
+    # the file, then what the space fixes, then --set and the flags
+    fixed = load_config(args.config, values=space.fixed).to_dict()
+    cfg = load_config(None, args.set, base=fixed, values=flag_values(args, metric="train.best_metric"))
     try:
         result = run_study(space, cfg, samples=args.samples or space.samples or DEFAULT_SAMPLES, resume=args.resume)
     except KeyboardInterrupt:

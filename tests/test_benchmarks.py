@@ -1,5 +1,5 @@
 """Every benchmark in its quick mode, so that none can rot: it runs, prints its tables, and writes
-JSON with the fields the README's tables come from. No timing is asserted here: the targets are
+JSON with the fields docs/performance.md's tables come from. No timing is asserted here: the targets are
 read from the benchmarks' own output on a quiet machine (see benchmarks/README.md).
 """
 

@@ -12,7 +12,6 @@ INPAINT_UPDATE_DOCS=1 also writes the screenshot to docs/mlflow-runs.png, which 
 
 from __future__ import annotations
 
-import contextlib
 import html
 import json
 import os
@@ -101,9 +100,7 @@ class RunsTable(HTMLParser):
         return [tuple(cells[column].strip() for column in columns) for _, cells in ordered]
 
 
-def test_best_dice_in_the_mlflow_ui(deployment, cluster_train_run, request, tmp_path):
-    with contextlib.suppress(pytest.skip.Exception):  # the study's trials too, when jobs/tune.py is there
-        request.getfixturevalue("cluster_tune_study")
+def test_best_dice_in_the_mlflow_ui(deployment, cluster_train_run, cluster_tune_study, tmp_path):
     uri = deployment.mlflow_up()  # (up again if tests/test_cluster.py's last test, run before, took it down)
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("inpaint")

@@ -44,6 +44,8 @@ def test_registered_model_name_follows_the_variant():
         ("model.fusion=mul", "model.fusion"),
         ("train.loss=huber", "train.loss"),
         ("epochs", "not key=value"),
+        ("train=3", "'train' is a section"),
+        ("train.epochs.x=3", "'train.epochs' is a value"),
     ],
 )
 def test_bad_overrides_name_the_key(override, match):
@@ -73,19 +75,61 @@ def test_shipped_config_files_load():
         load_config(file)
 
 
-def test_job_flags_become_overrides_after_set():
+def job_config(*argv: str):
+    """The config a training job builds from these command-line arguments."""
     import argparse
 
-    from inpaint.config import add_config_flags, flag_overrides
+    from inpaint.config import add_config_flags, flag_values
 
     parser = argparse.ArgumentParser()
     add_config_flags(parser)
     parser.add_argument("--epochs", type=int)
-    args = parser.parse_args(["--set", "scaling.workers=4", "--workers", "2", "--data", "d", "--epochs", "3"])
-    overrides = flag_overrides(args, epochs="train.epochs")
-    assert overrides == ["scaling.workers=4", "data.path=d", "scaling.workers=2", "train.epochs=3"]
-    cfg = load_config(None, overrides)
-    assert (cfg.scaling.workers, cfg.data.path, cfg.train.epochs) == (2, "d", 3)  # the flag wins
+    args = parser.parse_args(argv)
+    return load_config(args.config, args.set, values=flag_values(args, epochs="train.epochs"))
+
+
+def test_job_flags_win_over_set():
+    cfg = job_config("--set", "scaling.workers=4", "--workers", "2", "--data", "d", "--epochs", "3")
+    assert (cfg.scaling.workers, cfg.data.path, cfg.train.epochs) == (2, "d", 3)
+
+
+@pytest.mark.parametrize("text", ["runs #1", "1:30", "yes", "[a, b]", "~", "3", "a: b"])
+def test_strings_from_flags_and_set_arrive_unchanged(text):
+    # YAML would make these "runs", 90 (sexagesimal), True, a list, None, 3 and a mapping
+    assert job_config("--data", text).data.path == text
+    assert job_config("--set", f"data.path={text}").data.path == text
+    assert job_config("--set", f"tracking.run_name={text}").tracking.run_name == text
+
+
+@pytest.mark.parametrize(
+    "override, value",
+    [
+        ("train.epochs=12", 12),
+        ("train.lr=3e-4", 3e-4),
+        ("model.widths=[8, 16, 32]", [8, 16, 32]),
+        ("model.mask_channel=False", False),
+        ("data.limit=null", None),
+        ("data.limit=", None),
+    ],
+)
+def test_set_values_are_read_as_their_field_type(override, value):
+    key = override.split("=")[0]
+    cfg = load_config(None, [override])
+    section, name = key.split(".")
+    assert getattr(getattr(cfg, section), name) == value
+
+
+@pytest.mark.parametrize("override", ["train.epochs=1:30", "train.lr=1:30", "model.mask_channel=yes"])
+def test_set_values_are_parsed_strictly(override):
+    with pytest.raises(UserError, match=override.split("=")[0]):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize("limit", [1, 9])
+def test_a_limit_with_no_room_for_validation_is_refused(limit):
+    with pytest.raises(UserError, match=f"data.limit = {limit} must be at least 10"):
+        job_config("--limit", str(limit))
+    assert job_config("--limit", "10").data.limit == 10
 
 
 @pytest.mark.parametrize(
@@ -106,3 +150,12 @@ def test_precision_auto_means_bf16_only_on_native_bf16_cpus(monkeypatch, setting
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     assert training_precision(load_config(None, [f"train.precision={setting}"])) == expected
+
+
+def test_the_levers_script_says_how_the_paper_config_fuses():
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).parents[1]
+    claims = re.findall(r"fusion by (\w+)", (repo / "experiments" / "levers.sh").read_text())
+    assert claims and set(claims) == {load_config(repo / "configs" / "paper.yaml").model.fusion}

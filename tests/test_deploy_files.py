@@ -43,8 +43,8 @@ def check_entrypoint(command: str) -> dict[str, object]:
         if getattr(args, option, None):
             assert (REPO / getattr(args, option)).is_file(), f"--{option} {getattr(args, option)} is not in the project"
     flags = {"scaling.workers": getattr(args, "workers", None), "train.epochs": getattr(args, "epochs", None)}
-    overrides = [*args.set, *(f"{key}={value}" for key, value in flags.items() if value is not None)]
-    cfg = load_config(args.config and str(REPO / args.config), overrides)  # raises on unknown keys, bad types
+    values = {key: value for key, value in flags.items() if value is not None}
+    cfg = load_config(args.config and str(REPO / args.config), args.set, values=values)  # unknown keys, bad types
     return {"args": args, "cfg": cfg}
 
 

@@ -18,8 +18,8 @@ from PIL import Image
 from inpaint import tracking
 from inpaint.checkpoints import CHECKPOINT_FILE
 from inpaint.config import load_config
-from inpaint.data import read_split
-from inpaint.evaluate import BASELINES, load_model, mean_fill, model_fill, to_tensor, zero_fill
+from inpaint.data import read_split, to_float_images
+from inpaint.evaluate import BASELINES, load_model, mean_fill, model_fill, zero_fill
 from inpaint.masks import apply_holes, random_masks, squares
 from inpaint.metrics import MAX_PSNR, METRIC_NAMES, MetricTotals, reconstruction_loss
 from inpaint.models import build_model, model_input
@@ -60,7 +60,7 @@ def trained(tiny_data, tmp_path_factory) -> SimpleNamespace:
     cfg = load_config(None, TINY_MODEL)
     torch.manual_seed(0)
     model = build_model(cfg.model)
-    images = to_tensor(read_split(tiny_data, "train")[0])
+    images = to_float_images(read_split(tiny_data, "train")[0])
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     holes = torch.Generator().manual_seed(0)
     for _ in range(40):
@@ -133,6 +133,19 @@ def test_registered_model_is_rebuilt_to_take_any_size(trained):
         torch.testing.assert_close(rebuilt(small), graph(small))
     odd = model_fill(rebuilt, masked[..., :30, :27], masks[..., :30, :27])
     assert odd.shape == (3, 3, 30, 27) and odd.min() >= 0 and odd.max() <= 1
+
+
+@pytest.mark.parametrize("height, width", [(64, 64), (48, 80)])
+def test_the_registered_graph_fills_other_sizes_than_the_training_size(trained, height, width):
+    """The contract `tracking.log_model` states: the logged pt2 graph (trained on 32×32) takes any size
+    divisible by 4, and gives what the network rebuilt from its config gives."""
+    graph = mlflow.pytorch.load_model(trained.model_uri)
+    masks = squares(torch.full((2,), 12), torch.full((2,), 20), torch.full((2,), 30), height, width)
+    inputs = model_input(apply_holes(torch.rand(2, 3, height, width), masks), masks)
+    with torch.no_grad():
+        filled = graph(inputs)
+        assert filled.shape == (2, 3, height, width)
+        torch.testing.assert_close(filled, load_model(trained.model_uri, trained.tracking_uri)(inputs))
 
 
 def test_model_fill_pads_by_replicating_the_border(trained):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
 import time
 
 import pytest
@@ -14,32 +15,52 @@ from mlflow import MlflowClient
 pytestmark = pytest.mark.ray
 
 
-def test_killed_worker_resumes_from_the_last_checkpoint(interruptible_data, tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    args = ["--data", str(interruptible_data), "--workers", "2", "--epochs", "3", "--json", "result.json"]
-    settings = [*SMALL_MODEL, "train.batch_size=2", "tracking.run_name=worker-kill"]
-    proc = run_job([*args, *(f"--set={s}" for s in settings)], tmp_path, uri)
+def run_and_kill_rank_1(data, tmp_path, run_name: str, *settings: str) -> tuple[subprocess.Popen, str]:
+    """A 2-worker, 3-epoch run on 640 images whose rank-1 worker is SIGKILLed in epoch 2, once Ray Train
+    holds epoch 1's checkpoint; the finished job and its output."""
+    args = ["--data", str(data), "--workers", "2", "--epochs", "3", "--json", "result.json"]
+    settings = (*SMALL_MODEL, "train.batch_size=2", f"tracking.run_name={run_name}", *settings)
+    proc = run_job([*args, *(f"--set={s}" for s in settings)], tmp_path, f"sqlite:///{tmp_path}/mlflow.db")
     output, killed, deadline = [], None, time.monotonic() + 300
     for line in proc.stdout:
         output.append(line)
         found = re.search(r"pid=(\d+)\) world_rank=1", line) or re.search(r"pid=(\d+), world_rank=1", line)
         if found and killed is None:
             rank1 = int(found.group(1))
-        if killed is None and 1 in registered_epochs(tmp_path / "runs" / "worker-kill"):
-            os.kill(rank1, signal.SIGKILL)  # in epoch 2, once Ray Train holds epoch 1's checkpoint
+        if killed is None and 1 in registered_epochs(tmp_path / "runs" / run_name):
+            os.kill(rank1, signal.SIGKILL)
             killed = rank1
         assert time.monotonic() < deadline, "".join(output)
     proc.wait(timeout=60)
     log = "".join(output)
-    assert proc.returncode == 0, log[-4000:]
     assert killed is not None, log[-4000:]
+    return proc, log
+
+
+def test_killed_worker_resumes_from_the_last_checkpoint(interruptible_data, tmp_path):
+    proc, log = run_and_kill_rank_1(interruptible_data, tmp_path, "worker-kill")
+    assert proc.returncode == 0, log[-4000:]
     assert "epoch 3/3" in log and "resumed from the checkpoint of epoch 1" in log
 
-    client = MlflowClient(uri)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("inpaint").experiment_id])
     assert run.info.status == "FINISHED"
     for key in METRICS:
         assert metric_steps(client, run.info.run_id, key) == [1, 2, 3], key
+
+
+def test_a_run_failing_past_max_failures_ends_failed_naming_the_cause(interruptible_data, tmp_path):
+    proc, log = run_and_kill_rank_1(interruptible_data, tmp_path, "no-retries", "scaling.max_failures=0")
+    assert proc.returncode == 1, log[-4000:]
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: run no-retries failed (worker 1: "), log[-4000:]
+    assert "Error" in errors[0] and "--resume no-retries" in errors[0]
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("inpaint").experiment_id])
+    assert run.info.status == "FAILED"  # not KILLED: nobody stopped it
+    assert run.data.tags["failure"].startswith("worker 1: ") and run.data.tags["failure"] in errors[0]
+    assert metric_steps(client, run.info.run_id, "val_loss") == [1]  # what it trained is kept
 
 
 def test_killed_worker_node_resumes_from_the_last_checkpoint(three_node_deployment, interruptible_data, tmp_path):

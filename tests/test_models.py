@@ -57,7 +57,7 @@ def test_fused_output_depends_on_the_mixer():
 
 
 def test_paper_parameter_counts():
-    # The paper's code: widths 64/128/256, ConvMixer dim 256, depth 2, kernel 5, patch 2 (quoted in the README)
+    # The paper's code: widths 64/128/256, ConvMixer dim 256, depth 2, kernel 5, patch 2 (quoted in docs/results.md)
     paper = dict(mask_channel=False, dropout=0.5)
     assert count_parameters(build_model(ModelConfig(variant="unet", **paper))) == 741_763
     assert count_parameters(build_model(ModelConfig(variant="fused", fusion="add", **paper))) == 892_547

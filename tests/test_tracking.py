@@ -184,16 +184,18 @@ def test_sample_grid_layout_and_hole():
 def test_pictures_logged_as_png(store, tmp_path):
     run_id = tracking.start_run(store, "exp", "run", {})
     grid = tracking.sample_grid(torch.rand(3, 3, 32, 32), torch.rand(3, 3, 32, 32), torch.rand(3, 3, 32, 32))
-    curves = tracking.curves_picture({"train_loss": [0.9, 0.5, 0.3], "val_loss": [1.0, 0.6, 0.4]}, "losses")
-    assert curves.dtype == np.uint8 and curves.ndim == 3 and curves.shape[2] == 3
-    assert len(np.unique(curves.reshape(-1, 3), axis=0)) > 10  # something was drawn
+    curves = tracking.curves_figure({"train_loss": [0.9, 0.5, 0.3], "val_loss": [1.0, 0.6, 0.4]}, "losses")
+    assert [axes.get_title() for axes in curves.axes] == ["train_loss", "val_loss"]
     tracking.log_picture(run_id, grid, "samples/epoch_001.png")
     tracking.log_picture(run_id, curves, "curves.png", tracking_uri=store)
-    for name, picture in [("samples/epoch_001.png", grid), ("curves.png", curves)]:
-        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name, tracking_uri=store)
-        with Image.open(path) as png:
-            assert png.format == "PNG"
-            np.testing.assert_array_equal(np.asarray(png.convert("RGB")), picture)
+    grid_png = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="samples/epoch_001.png")
+    with Image.open(grid_png) as png:
+        assert png.format == "PNG"
+        np.testing.assert_array_equal(np.asarray(png.convert("RGB")), grid)
+    curves_png = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="curves.png", tracking_uri=store)
+    with Image.open(curves_png) as png:
+        assert png.format == "PNG" and png.size == (640, 320)  # the figure's 6.4 × 3.2 inches at 100 dpi
+        assert len(np.unique(np.asarray(png.convert("RGB")).reshape(-1, 3), axis=0)) > 10  # something was drawn
 
 
 # ---------------------------------------------------------------------------------------------

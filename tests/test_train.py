@@ -17,7 +17,7 @@ from helpers import METRICS, SMALL_MODEL, finish, metric_steps, registered_epoch
 from mlflow import MlflowClient
 
 from inpaint.config import load_config
-from inpaint.data import read_split
+from inpaint.data import prepare, read_split, to_float_images
 from inpaint.masks import MaskConfig, apply_holes, fixed_masks
 from inpaint.metrics import MetricTotals
 from inpaint.models import model_input
@@ -57,7 +57,7 @@ def test_two_worker_run_is_tracked_and_registered(tiny_data, tmp_path):
     mlflow.set_tracking_uri(uri)
     model = mlflow.pytorch.load_model(result["model_uri"])
     images, index = read_split(str(tiny_data), "val")
-    images = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    images = to_float_images(images)
     masks = fixed_masks(torch.from_numpy(index), 32, 32, MaskConfig(kind="diagonal"), seed=1234)
     with torch.no_grad():
         pred = model(model_input(apply_holes(images, masks), masks))
@@ -91,13 +91,15 @@ def test_stopped_run_resumes_and_logs_each_epoch_once(interruptible_data, tmp_pa
     assert run.info.status == "KILLED"
     assert 1 in metric_steps(client, run.info.run_id, "val_loss")
 
-    out = finish(run_job(["--resume", "stopped", "--json", "result.json"], tmp_path, uri))
-    assert "epoch 3/3" in out and "epoch 1/3" not in out
+    more = tmp_path / "more.yaml"
+    more.write_text("train:\n  epochs: 4\n")  # --config applies on top of the run's saved config
+    out = finish(run_job(["--resume", "stopped", "--config", str(more), "--json", "result.json"], tmp_path, uri))
+    assert "epoch 4/4" in out and "epoch 1/4" not in out
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["run_id"] == run.info.run_id
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
     for key in METRICS:
-        assert metric_steps(client, run.info.run_id, key) == [1, 2, 3], key
+        assert metric_steps(client, run.info.run_id, key) == [1, 2, 3, 4], key
 
 
 @pytest.mark.parametrize(
@@ -111,6 +113,7 @@ def test_stopped_run_resumes_and_logs_each_epoch_once(interruptible_data, tmp_pa
         (["--data", "/nonexistent/cifar"], "/nonexistent/cifar"),
         (["--set", "masks.max_size=40"], "masks: hole max_size (40) is larger than the 32×32 images"),
         (["--set", "masks.min_size=9", "--set", "masks.max_size=5"], "min_size (9) is larger than max_size (5)"),
+        (["--limit", "9"], "data.limit = 9 must be at least 10"),
     ],
 )
 def test_bad_input_stops_with_one_line(tiny_data, tmp_path, args, message):
@@ -122,3 +125,26 @@ def test_bad_input_stops_with_one_line(tiny_data, tmp_path, args, message):
     errors = [line for line in out.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], out
     assert "Traceback" not in out
+
+
+def test_limit_applies_to_a_prepared_dataset(tiny_data, tmp_path):
+    """--limit on an already-prepared dataset (64 training, 32 validation images) keeps the first N images,
+    split 9:1 as a limited source is, without preparing anything again."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = ["--data", str(tiny_data), "--limit", "20", "--workers", "1", "--epochs", "1", "--json", "result.json"]
+    out = finish(run_job([*args, *(f"--set={s}" for s in SMALL_MODEL)], tmp_path, uri))
+    assert "data: 18 training and 2 validation images" in out
+    run = MlflowClient(uri).get_run(json.loads((tmp_path / "result.json").read_text())["run_id"])
+    assert (run.data.tags["data.train_rows"], run.data.tags["data.val_rows"]) == ("18", "2")
+    assert not (tmp_path / "data").exists()  # nothing prepared
+
+
+def test_a_dataset_without_validation_images_is_refused_in_one_line(hf_file, tmp_path):
+    prepare(hf_file, tmp_path / "no-val", val=0, progress=lambda _: None)
+    proc = run_job(["--data", str(tmp_path / "no-val")], tmp_path, f"sqlite:///{tmp_path}/mlflow.db")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2, out
+    assert [line for line in out.splitlines() if line.startswith("error:")] == [
+        f"error: {tmp_path / 'no-val'} has no validation images: prepare it again with --val N (jobs/prepare.py), "
+        "N at least 1"
+    ]

@@ -20,7 +20,7 @@ from mlflow import MlflowClient
 
 from inpaint.config import load_config
 from inpaint.errors import UserError
-from inpaint.tune import check_space, load_space
+from inpaint.spaces import check_space, load_space
 
 # Small networks for 2 epochs, three trials. The third barely learns (lr 1e-7): whichever of the
 # first two reports first, its first epoch falls below ASHA's cutoff, so it is stopped early.
@@ -49,7 +49,6 @@ def test_space_file_reads_searched_and_fixed_keys(tmp_path):
     )
     assert space.samples == 5 and space.name == "space" and space.early_stopping
     assert space.fixed == {"train.epochs": 3, "model.widths": [8, 16, 32]}
-    assert space.overrides() == ["train.epochs=3", "model.widths=[8, 16, 32]"]
     assert space.searched["train.lr"].args == [1e-4, 1e-2]  # YAML reads 1e-4 as a string
     domains = space.param_space()
     assert (domains["model.mixer_depth"].lower, domains["model.mixer_depth"].upper) == (1, 9)  # 8 included
@@ -99,7 +98,7 @@ def test_bad_space_file_is_refused_naming_the_key(tmp_path, text, message):
 def test_space_values_that_cannot_train_are_refused_naming_the_key(tmp_path, text, message):
     space = load_space(write(tmp_path, text))
     with pytest.raises(UserError, match=re.escape(message)):
-        check_space(space, load_config(None, space.overrides()))
+        check_space(space, load_config(None, values=space.fixed))
 
 
 def test_bad_space_file_stops_the_job_in_one_line_before_ray_starts(tmp_path):
@@ -158,6 +157,7 @@ def test_study_is_one_parent_run_with_a_child_per_trial(study):
     client = MlflowClient(study["uri"])
     parent = client.get_run(study["json"]["parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.info.run_name == "tune-space"
+    assert (parent.data.tags["data.train_rows"], parent.data.tags["data.val_rows"]) == ("64", "32")
     assert parent.data.params["search.train.lr"] == "{grid: [0.003, 0.001, 1e-07]}"
     assert "train.lr" not in parent.data.params  # searched: each child has its own
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"results.md", "trials.png", "space.yaml"}
@@ -212,7 +212,7 @@ def test_killed_study_resumes_without_running_finished_trials_again(tiny_data, t
     and Tune has saved its state: `--resume` finishes the study, running no finished trial again."""
     write(tmp_path, STUDY_SPACE)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    args = study_args(tiny_data, "--samples", "2")  # 6 trials: the study is still going when it is killed
+    args = study_args(tiny_data, "--samples", "2", "--limit", "60")  # 6 trials: still going when it is killed
     proc = run_job(args, tmp_path, uri, job="tune.py", start_new_session=True)
     client, finished, deadline = MlflowClient(uri), [], time.monotonic() + 300
     while not finished:
@@ -239,5 +239,7 @@ def test_killed_study_resumes_without_running_finished_trials_again(tiny_data, t
     assert len(children) == 6 and all(child.info.status == "FINISHED" for child in children), children
     for child in children:
         assert_every_epoch_once(client, child, "val_loss", all_of=child.data.tags["stopped_early"] == "false")
-    assert client.get_run(result["parent_run_id"]).info.status == "FINISHED"
+    parent = client.get_run(result["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert (parent.data.tags["data.train_rows"], parent.data.tags["data.val_rows"]) == ("54", "6")  # --limit 60
     assert client.get_model_version_by_alias("inpaint-fused-unet", "best").run_id == result["best_run_id"]

@@ -1,0 +1,186 @@
+"""Search spaces: YAML files of config keys, read and checked before any Ray work (tune_spaces/README.md).
+
+    space = load_space("tune_spaces/quick.yaml")        # the file's syntax: keys, primitives, ranges
+    cfg = load_config(None, values=space.fixed)
+    check_space(space, cfg)                              # every searched value trains on top of cfg
+    tune.Tuner(trainable, param_space=space.param_space(), ...)
+
+A key given one of Tune's sampling primitives (`{choice: [...]}`, `{randint: [lo, hi]}`, ...) is
+searched; a key given a plain value is the same for every trial. `samples` and `early_stopping` set
+the study itself.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from dataclasses import dataclass, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from ray import tune
+
+from inpaint.config import Config, get, with_values
+from inpaint.errors import UserError
+
+PRIMITIVES = ("choice", "grid", "randint", "uniform", "loguniform")
+RANGES = ("randint", "uniform", "loguniform")  # written [lo, hi]
+# One value per study: the data is prepared once, the cluster and MLflow are shared, and ASHA
+# compares trials on the same metric with the same epoch budget.
+NOT_SEARCHABLE = ("data.", "scaling.", "tracking.", "train.epochs", "train.best_metric")
+ANY_HOLES = {"masks.min_size": 1, "masks.max_size": 1_000_000}  # a pair no searched value conflicts with
+
+
+def config_keys(node: Any = None, prefix: str = "") -> list[str]:
+    """Every leaf key of the config tree, e.g. `model.mixer_depth`."""
+    node = Config() if node is None else node
+    keys = []
+    for field in fields(node):
+        value = getattr(node, field.name)
+        name = f"{prefix}{field.name}"
+        keys += config_keys(value, f"{name}.") if is_dataclass(value) else [name]
+    return keys
+
+
+CONFIG_KEYS = config_keys()
+
+
+@dataclass(frozen=True)
+class Search:
+    """A searched key's sampling primitive and its arguments, as the space file writes them."""
+
+    primitive: str  # one of PRIMITIVES
+    args: list  # the values (choice, grid), or [lo, hi], hi included (randint too)
+
+    def domain(self) -> Any:
+        """The Tune search domain."""
+        match self.primitive:
+            case "choice":
+                return tune.choice(self.args)
+            case "grid":
+                return tune.grid_search(self.args)
+            case "randint":
+                return tune.randint(self.args[0], self.args[1] + 1)  # Tune leaves hi out
+            case "uniform":
+                return tune.uniform(*self.args)
+            case "loguniform":
+                return tune.loguniform(*self.args)
+
+    def __str__(self) -> str:
+        return f"{{{self.primitive}: {json.dumps(self.args)}}}"
+
+
+@dataclass
+class Space:
+    """A search-space file: the searched keys, the fixed ones, and its default number of samples."""
+
+    path: Path
+    searched: dict[str, Search]
+    fixed: dict[str, Any]  # config values every trial shares
+    samples: int | None = None
+    early_stopping: bool = True  # ASHA; off, every trial trains every epoch (an ablation's equal budget)
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+    def param_space(self) -> dict[str, Any]:
+        return {key: search.domain() for key, search in self.searched.items()}
+
+    def bounds(self, key: str, cfg: Config) -> tuple[Any, Any]:
+        """The smallest and the largest value `key` takes in a study on top of `cfg`."""
+        values = self.searched[key].args if key in self.searched else [get(cfg, key)]
+        return min(values), max(values)
+
+    def widest_holes(self, cfg: Config) -> Config:
+        """`cfg` with the smallest hole min_size and the largest max_size of the study."""
+        lowest, highest = self.bounds("masks.min_size", cfg)[0], self.bounds("masks.max_size", cfg)[1]
+        return with_values(cfg, {"masks.min_size": lowest, "masks.max_size": highest})
+
+
+def load_space(path: str | os.PathLike) -> Space:
+    """Read a search-space file; a UserError names the first bad key."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"search space not found: {path}; pass a YAML file (see tune_spaces/)")
+    try:
+        entries = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise UserError(f"search space {path} is not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+    if not isinstance(entries, dict):
+        raise UserError(
+            f"search space {path} must map config keys to values, e.g. model.mixer_depth: {{randint: [1, 8]}}"
+        )
+    samples = entries.pop("samples", None)
+    if isinstance(samples, bool) or not isinstance(samples, int | None) or (samples is not None and samples < 1):
+        raise UserError(f"{path}: samples must be a positive integer, got {samples!r}")
+    early_stopping = entries.pop("early_stopping", True)
+    if not isinstance(early_stopping, bool):
+        raise UserError(f"{path}: early_stopping must be true or false, got {early_stopping!r}")
+    searched, fixed = {}, {}
+    for key, value in entries.items():
+        key = str(key)
+        if key not in CONFIG_KEYS:
+            close = difflib.get_close_matches(key, CONFIG_KEYS, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else "see inpaint/config.py for the keys"
+            raise UserError(f"{path}: unknown config key {key!r}; {hint}")
+        if not isinstance(value, dict):
+            fixed[key] = value
+            continue
+        if key.startswith(NOT_SEARCHABLE):
+            raise UserError(f"{path}: {key} cannot be searched (one value per study): give it a plain value")
+        searched[key] = parse_search(f"{path}: {key}", value)
+    if not searched:
+        raise UserError(f"{path} searches nothing: give at least one key a primitive, e.g. {{choice: [3, 5]}}")
+    return Space(path, searched, fixed, samples, early_stopping)
+
+
+def parse_search(where: str, value: dict) -> Search:
+    """One `{primitive: args}` mapping; `where` (file and key) starts every error."""
+    if len(value) != 1:
+        raise UserError(f"{where} must be a plain value or one of {', '.join(PRIMITIVES)}, got {value}")
+    ((primitive, args),) = value.items()
+    if primitive not in PRIMITIVES:
+        raise UserError(f"{where}: unknown primitive {primitive!r}; use one of {', '.join(PRIMITIVES)}")
+    if not isinstance(args, list) or not args:
+        raise UserError(f"{where}: {primitive} needs a non-empty list, got {args!r}")
+    if primitive not in RANGES:
+        return Search(primitive, args)
+    if len(args) != 2:
+        raise UserError(f"{where}: {primitive} needs [lo, hi], got {args!r}")
+    if primitive == "randint":
+        if not all(isinstance(a, int) and not isinstance(a, bool) for a in args):
+            raise UserError(f"{where}: randint needs integers [lo, hi], got {args!r}")
+        lo, hi = args
+    else:
+        try:  # floats, as Tune samples them (YAML reads 1e-4, without a dot, as a string)
+            lo, hi = (float(a) for a in args)
+        except (TypeError, ValueError):
+            raise UserError(f"{where}: {primitive} needs numbers [lo, hi], got {args!r}") from None
+    if lo >= hi:
+        raise UserError(f"{where}: empty range [{lo}, {hi}]: lo must be below hi (a plain value fixes the key)")
+    if primitive == "loguniform" and lo <= 0:
+        raise UserError(f"{where}: loguniform needs 0 < lo, got {lo}")
+    return Search(primitive, [lo, hi])
+
+
+def check_space(space: Space, cfg: Config) -> None:
+    """Refuse a space that cannot train on top of `cfg`, naming the key: every choice and both ends of
+    every range must be valid config values, and every hole min_size at most every max_size."""
+    for key, search in space.searched.items():
+        for value in search.args:
+            try:  # on holes that fit any value, so that only the value itself can fail
+                with_values(cfg, {**ANY_HOLES, key: value})
+            except UserError as err:
+                raise UserError(f"{space.path}: {key} = {value!r} cannot train: {err}") from None
+    _, highest_min = space.bounds("masks.min_size", cfg)
+    lowest_max, _ = space.bounds("masks.max_size", cfg)
+    if highest_min > lowest_max:
+        raise UserError(
+            f"{space.path}: masks.min_size reaches {highest_min} but masks.max_size goes down to {lowest_max}: "
+            "keep every min_size at most every max_size, e.g. {randint: [4, 8]} and {randint: [8, 16]}"
+        )
