@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from inpaint.kernels import DepthwiseConv2d
+
 VARIANTS = ("unet", "fused")
 FUSIONS = ("concat", "add")
 
@@ -83,7 +85,7 @@ def conv_mixer(in_ch: int, dim: int, depth: int, kernel_size: int, patch_size: i
             nn.Sequential(
                 Residual(
                     nn.Sequential(
-                        nn.Conv2d(dim, dim, kernel_size, groups=dim, padding="same"),
+                        DepthwiseConv2d(dim, kernel_size),
                         nn.GELU(),
                         nn.BatchNorm2d(dim),
                     )

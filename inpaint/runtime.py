@@ -17,6 +17,8 @@ ENVIRONMENT = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     # Ray Train prints each worker line twice (its own copy and Ray's log forwarding): once is enough.
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    # torch.compile (inpaint.kernels) compiles in this process: a worker holding 1 CPU starts no compiler pool.
+    "TORCHINDUCTOR_COMPILE_THREADS": "1",
     # A study's first Ctrl-C goes to `tune.fit_until_ctrl_c`, which stops it cleanly, not to Tune's handler.
     "TUNE_DISABLE_SIGINT_HANDLER": "1",
 }

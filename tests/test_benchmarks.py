@@ -83,3 +83,15 @@ def test_scaling(tmp_path):
     for row in result["rows"]:
         positive(row, "images_per_s", "train_s_per_epoch", "wall_s_per_epoch", "worker_peak_rss_mib")
     positive(result["projected"], "per_worker_images_per_s")
+
+
+def test_layers(tmp_path):
+    result = run_benchmark("layers", tmp_path)
+    rows = result["rows"]
+    assert rows[-1]["layer"] == "all layers" and len(rows) > 20
+    assert {"DepthwiseConv2d", "ConvTranspose2d", "BatchNorm2d", "GELU"} <= {row["kind"] for row in rows}
+    for row in rows:
+        positive(row, "forward_ms", "train_ms_before", "train_ms_after")
+        assert row["gflop"] >= 0 and row["share_after"] >= 0
+    convs = [row for row in rows if "Conv" in row["kind"]]
+    assert all(row["gflop"] > 0 for row in convs)
