@@ -91,7 +91,7 @@ class _DepthwiseConv(torch.autograd.Function):
 
 class DepthwiseConv2d(nn.Conv2d):
     """`nn.Conv2d(channels, channels, kernel_size, groups=channels, padding="same")`, odd kernel, whose
-    training backward is `_DepthwiseConv`'s."""
+    training backward on one thread is `_DepthwiseConv`'s."""
 
     def __init__(self, channels: int, kernel_size: int) -> None:
         if kernel_size % 2 == 0:
@@ -99,6 +99,8 @@ class DepthwiseConv2d(nn.Conv2d):
         super().__init__(channels, channels, kernel_size, groups=channels, padding="same")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and torch.is_grad_enabled() and x.device.type == "cpu":
+        # One torch thread (a 1-CPU Ray worker, the default) is where the compiled reduction was measured
+        # faster in a whole training step; with more threads PyTorch's parallel backward won (docs/performance.md).
+        if self.training and torch.is_grad_enabled() and x.device.type == "cpu" and torch.get_num_threads() == 1:
             return _DepthwiseConv.apply(x, self.weight, self.bias)
         return super().forward(x)  # inference (and torch.export): plain nn.Conv2d

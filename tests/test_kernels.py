@@ -15,6 +15,15 @@ from inpaint.kernels import DepthwiseConv2d, depthwise_weight_grad
 CHECKPOINT = Path(__file__).parent / "data" / "checkpoint-7c4ea93.pt"  # written by the code of commit 7c4ea93
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The fast backward runs on one thread (a 1-CPU Ray worker), as training uses it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pair(channels: int, kernel_size: int, bias: bool, channels_last: bool) -> tuple[nn.Conv2d, DepthwiseConv2d]:
     reference = nn.Conv2d(channels, channels, kernel_size, groups=channels, padding="same", bias=bias)
     fast = DepthwiseConv2d(channels, kernel_size)
@@ -54,11 +63,11 @@ def test_same_outputs_and_gradients_as_nn_conv2d(kernel_size, bias, channels_las
         x, grad = x.contiguous(memory_format=torch.channels_last), grad.contiguous(memory_format=torch.channels_last)
     expected = forward_backward(reference, x, grad, bf16)
     got = forward_backward(fast, x, grad, bf16)
+    assert fast.weight.grad.stride() == fast.weight.stride()  # the layout DDP's gradient buckets expect
     # bf16: both round their inputs to 8 bits of mantissa, but accumulate in different orders
     tolerance = {"rtol": 2e-2, "atol": 5e-2} if bf16 else {"rtol": 1e-4, "atol": 1e-4}
     for name, want, have in zip(["output", "input grad", "weight grad", "bias grad"], expected, got, strict=False):
         torch.testing.assert_close(have, want, **tolerance, msg=name)
-    assert fast.weight.grad.stride() == fast.weight.stride()  # the layout DDP's gradient buckets expect
 
 
 def test_the_weight_gradient_formula_matches_autograd_in_double():
@@ -82,3 +91,11 @@ def test_a_checkpoint_from_before_the_fast_kernels_loads_and_scores_the_same():
     assert any(isinstance(module, DepthwiseConv2d) for module in model.modules())
     with torch.no_grad():
         torch.testing.assert_close(model(state["input"]), state["output"], rtol=1e-5, atol=1e-6)
+
+
+def test_training_on_one_thread_takes_the_fast_backward_and_more_threads_pytorchs():
+    _, fast = pair(8, 5, True, False)
+    x = torch.randn(2, 8, 8, 8, requires_grad=True)
+    assert type(fast(x).grad_fn).__name__ == "_DepthwiseConvBackward"
+    torch.set_num_threads(2)  # (the fixture restores the count)
+    assert type(fast(x).grad_fn).__name__ == "ConvolutionBackward0"
