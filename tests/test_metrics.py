@@ -104,10 +104,10 @@ def cifar10_sample() -> torch.Tensor:
     source = os.environ.get("INPAINT_DATA")
     if not source:
         pytest.skip("INPAINT_DATA is not set: point it at a CIFAR-10 source to check the paper's Dice figures")
-    from inpaint.data import load_source
+    from inpaint.data import load_source, to_float_images
 
     images, _ = load_source(source, limit=1000)["train"]
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    return to_float_images(images)
 
 
 def test_paper_dice_on_cifar10(cifar10_sample):
