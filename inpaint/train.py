@@ -17,6 +17,7 @@ import signal
 import socket
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +31,7 @@ from ray.train.torch import TorchTrainer
 
 from inpaint import tracking
 from inpaint.checkpoints import load_checkpoint_state, model_from_state, save_checkpoint_state
-from inpaint.config import Config, from_dict, load_config
+from inpaint.config import VAL_METRICS, Config, from_dict, load_config
 from inpaint.data import batch_to_tensor, is_prepared, prepare, read_manifest, read_split, split_files, to_float_images
 from inpaint.errors import RunFailed, UserError
 from inpaint.masks import apply_holes, fixed_masks, random_masks
@@ -39,6 +40,7 @@ from inpaint.models import build_model, model_input
 from inpaint.runtime import configure_process
 
 LOWER_IS_BETTER = {"val_loss", "val_l1_hole", "train_loss"}
+EPOCH_METRICS = ("epoch", "train_loss", *VAL_METRICS, "images_per_s", "lr")  # what a worker reports every epoch
 CURVES = ["train_loss", "val_loss", "val_psnr_hole", "val_dice"]  # drawn in curves.png
 
 
@@ -233,9 +235,8 @@ def validate(worker: Worker, shard: ray.data.DataIterator, epoch: int, train_sum
     for images, index in shard.iter_torch_batches(batch_size=256, collate_fn=ImageBatches()):
         masks = validation_holes(cfg, index, worker.height, worker.width)
         pred = fill(worker.model, images, masks)
-        val_loss_sum += reconstruction_loss(pred, images, masks, cfg.train.loss, cfg.train.hole_weight).item() * len(
-            images
-        )
+        loss = reconstruction_loss(pred, images, masks, cfg.train.loss, cfg.train.hole_weight)
+        val_loss_sum += loss.item() * len(images)
         totals.update(images, pred, masks)
     summed = torch.cat([totals.state(), torch.tensor([*train_sums, val_loss_sum], dtype=torch.float64)])
     dist.all_reduce(summed)
@@ -344,12 +345,10 @@ def validation_rows(cfg: Config) -> int:
 def limited_rows(cfg: Config) -> tuple[int | None, int | None]:
     """How many training and validation rows `data.limit` (and `data.val_limit`) keep: the first N images,
     split 9:1 as `prepare_data` splits a limited source; (None, None) for all of them."""
-    limit = cfg.data.limit
-    val = validation_rows(cfg) if limit else None
-    train = limit - val if limit else None
-    if cfg.data.val_limit:
-        val = min(val or cfg.data.val_limit, cfg.data.val_limit)
-    return train, val
+    if not cfg.data.limit:
+        return None, cfg.data.val_limit
+    val = validation_rows(cfg)
+    return cfg.data.limit - val, min(val, cfg.data.val_limit or val)
 
 
 def read_datasets(cfg: Config, data: str) -> dict[str, ray.data.Dataset]:
@@ -380,18 +379,18 @@ def make_trainer(
     run_name: str,
     mlflow_run_id: str,
     tracking_uri: str,
+    datasets: dict[str, ray.data.Dataset],
     *,
-    datasets: dict[str, ray.data.Dataset] | None = None,
     callbacks: list[ray.train.UserCallback] | None = None,
     reserved_cpus: float = 0.0,
 ) -> TorchTrainer:
-    """The TorchTrainer for one run; reusing `run_name` and the storage path resumes that run.
+    """The TorchTrainer for one run on `datasets` (`read_datasets`); reusing `run_name` and the storage path
+    resumes that run.
 
-    A Tune trial passes its study's `datasets`, its `callbacks`, and the CPU its own actor holds
-    (`reserved_cpus`): that comes out of the workers' share, so the trial fits where its config fits.
+    A Tune trial passes its `callbacks` and the CPU its own actor holds (`reserved_cpus`): that comes out
+    of the workers' share, so the trial fits where its config fits.
     """
     manifest = read_manifest(data)
-    datasets = datasets or read_datasets(cfg, data)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -537,7 +536,7 @@ def train(
     *,
     resume: str | None = None,
     config_file: str | None = None,
-    overrides: list[str] = (),
+    overrides: Sequence[str] = (),
     values: dict[str, Any] | None = None,
 ) -> RunResult:
     """One training run: prepared data, MLflow run, TorchTrainer, registered best model.
@@ -565,7 +564,7 @@ def train(
     print(f"run {run_name}: MLflow run {run_id} at {tracking_uri}", flush=True)
     datasets = read_datasets(cfg, data)
     tag_data_rows(run_id, datasets, tracking_uri)
-    trainer = make_trainer(cfg, data, run_name, run_id, tracking_uri, datasets=datasets)
+    trainer = make_trainer(cfg, data, run_name, run_id, tracking_uri, datasets)
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as err:

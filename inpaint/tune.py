@@ -39,6 +39,7 @@ from inpaint.config import Config, load_config, with_values
 from inpaint.errors import UserError
 from inpaint.spaces import Space, check_space
 from inpaint.train import (
+    EPOCH_METRICS,
     check_cluster_fits,
     check_data,
     connect_ray,
@@ -104,8 +105,8 @@ def run_trial(values: dict[str, Any], study: Study) -> None:
     )  # fmt: skip
     print(f"trial {trial_id}: {values}  MLflow run {run_id}", flush=True)
     trainer = make_trainer(
-        cfg, study.data, run_name, run_id, study.tracking_uri,
-        datasets=study.datasets, callbacks=[TuneReportCallback()], reserved_cpus=TRIAL_CPU,
+        cfg, study.data, run_name, run_id, study.tracking_uri, study.datasets,
+        callbacks=[TuneReportCallback()], reserved_cpus=TRIAL_CPU,
     )  # fmt: skip
     trainer.fit()  # ChildRunCallback ends the run when Tune ends the trial
 
@@ -132,14 +133,11 @@ class ChildRunCallback(tune.Callback):
             return
         report, uri = trial.last_result, self.tracking_uri
         if "epoch" in report:
-            logged = {key: value for key, value in report.items() if key in EPOCH_KEYS or key.startswith("val_")}
+            logged = {key: report[key] for key in EPOCH_METRICS}
             tracking.log_metrics_once(run_id, logged, step=int(report["epoch"]), tracking_uri=uri)
         stopped = not failed and report.get("epoch", 0) < self.epochs
         tracking.set_tag(run_id, "stopped_early", str(stopped).lower(), tracking_uri=uri)
         tracking.end_run(run_id, "FAILED" if failed else "FINISHED", tracking_uri=uri)
-
-
-EPOCH_KEYS = ("epoch", "train_loss", "images_per_s", "lr")  # with every val_*: what a worker logs per epoch
 
 
 # ---------------------------------------------------------------------------------------------

@@ -159,3 +159,20 @@ def test_the_levers_script_says_how_the_paper_config_fuses():
     repo = Path(__file__).parents[1]
     claims = re.findall(r"fusion by (\w+)", (repo / "experiments" / "levers.sh").read_text())
     assert claims and set(claims) == {load_config(repo / "configs" / "paper.yaml").model.fusion}
+
+
+@pytest.mark.parametrize(
+    "settings, rows",
+    [
+        ([], (None, None)),
+        (["data.limit=2000"], (1800, 200)),
+        (["data.limit=100000"], (95000, 5000)),  # a tenth, at most data.val
+        (["data.limit=2000", "data.val=50"], (1950, 50)),  # as prepare_data splits a limited source
+        (["data.limit=2000", "data.val_limit=20"], (1800, 20)),
+        (["data.val_limit=20"], (None, 20)),
+    ],
+)
+def test_limited_rows_split_the_first_images_as_a_limited_source_is_split(settings, rows):
+    from inpaint.train import limited_rows
+
+    assert limited_rows(load_config(None, settings)) == rows
