@@ -80,6 +80,14 @@ def model_fill(model: UNet, masked: torch.Tensor, mask: torch.Tensor) -> torch.T
     return model(inputs)[..., :height, :width]
 
 
+@torch.no_grad()
+def flip_averaged_fill(model: UNet, masked: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Test-time augmentation: the mean of the network's fill of the image and of its mirror image (mirrored
+    back). Twice the compute; the known pixels are the input's either way, once composited."""
+    mirrored = model_fill(model, masked.flip(-1), mask.flip(-1)).flip(-1)
+    return (model_fill(model, masked, mask) + mirrored) / 2
+
+
 def load_model(uri: str, tracking_uri: str | None = None) -> UNet:
     """The network (eval mode) of a checkpoint folder or an MLflow model URI (models:/NAME@ALIAS,
     models:/NAME/VERSION, runs:/RUN_ID/model), rebuilt from its config so that it takes any image size."""
@@ -221,9 +229,11 @@ def log_evaluation(report: dict, picture: np.ndarray, tracking_uri: str, experim
 # One user image
 
 
-def inpaint_image(model: UNet, image: np.ndarray, hole: np.ndarray) -> np.ndarray:
-    """`image` uint8 (H,W,3) with the pixels where `hole` (H,W) is true filled by `model`; the others unchanged."""
+def inpaint_image(model: UNet, image: np.ndarray, hole: np.ndarray, flip_average: bool = False) -> np.ndarray:
+    """`image` uint8 (H,W,3) with the pixels where `hole` (H,W) is true filled by `model` (averaged with its
+    mirror image's fill if `flip_average`); the others unchanged."""
     target = to_float_images(image[None])
     mask = torch.from_numpy(hole[None, None]).float()
-    pred = model_fill(model, apply_holes(target, mask), mask)
+    fill = flip_averaged_fill if flip_average else model_fill
+    pred = fill(model, apply_holes(target, mask), mask)
     return np.where(hole[..., None], to_uint8_images(pred)[0], image)

@@ -3,6 +3,7 @@
 python jobs/evaluate.py --model models:/inpaint-fused-unet@champion --data data/prepared-cifar10
 python jobs/evaluate.py --model runs/fused-20261124-212241/checkpoint_2026-11-24_21-28-03.862916 \\
     --second-model models:/inpaint-unet/3 --data DIR --holes random --min-size 8 --max-size 16 --json eval.json
+python jobs/evaluate.py --model models:/inpaint-fused-unet@best --data DIR --flip-average   # + row model-flip
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from inpaint.evaluate import (
     GRID_SAMPLES,
     comparison_grid,
     evaluate,
+    flip_averaged_fill,
     holes_params,
     load_images,
     load_model,
@@ -58,6 +60,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=TrainConfig.val_seed,
         help="seed of the fixed holes (default: %(default)s, the training's validation holes)",
     )
+    parser.add_argument(
+        "--flip-average",
+        action="store_true",
+        help="also score each model averaged with its fill of the mirrored image (rows NAME-flip; twice the compute)",
+    )
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite)")
     parser.add_argument("--experiment", default="inpaint-eval", help="MLflow experiment (default: %(default)s)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the table and its settings as JSON")
@@ -82,7 +89,10 @@ def main(argv: list[str] | None = None) -> None:
     models = {name: load_model(uri, tracking_uri) for name, uri in uris.items()}
 
     started = time.perf_counter()
-    methods = {name: functools.partial(model_fill, model) for name, model in models.items()} | BASELINES
+    methods = {name: functools.partial(model_fill, model) for name, model in models.items()}
+    if args.flip_average:
+        methods |= {f"{name}-flip": functools.partial(flip_averaged_fill, model) for name, model in models.items()}
+    methods |= BASELINES
     rows = evaluate(methods, images, index, holes, args.seed, progress=lambda line: print(line, file=sys.stderr))
     report = {
         "models": uris,

@@ -31,6 +31,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image", required=True, type=Path, help="the image to fill (PNG, JPEG, ...)")
     parser.add_argument("--mask", required=True, type=Path, help="same size as the image; white (>127) = hole")
     parser.add_argument("--out", required=True, type=Path, help="where to write the filled image (PNG)")
+    parser.add_argument(
+        "--flip-average", action="store_true", help="average the fill with the mirrored image's (twice the compute)"
+    )
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite)")
     return parser.parse_args(argv)
 
@@ -60,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     model = load_model(args.model, tracking.resolve_tracking_uri(args.tracking_uri))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(inpaint_image(model, image, hole)).save(args.out, format="PNG")
+    Image.fromarray(inpaint_image(model, image, hole, flip_average=args.flip_average)).save(args.out, format="PNG")
     print(f"{args.out}: {int(hole.sum())} hole pixels of {image.shape[1]}x{image.shape[0]} filled")
 
 

@@ -19,7 +19,7 @@ from inpaint import tracking
 from inpaint.checkpoints import CHECKPOINT_FILE
 from inpaint.config import load_config
 from inpaint.data import read_split, to_float_images
-from inpaint.evaluate import BASELINES, load_model, mean_fill, model_fill, zero_fill
+from inpaint.evaluate import BASELINES, flip_averaged_fill, load_model, mean_fill, model_fill, zero_fill
 from inpaint.masks import apply_holes, random_masks, squares
 from inpaint.metrics import MAX_PSNR, METRIC_NAMES, MetricTotals, reconstruction_loss
 from inpaint.models import build_model, model_input
@@ -275,6 +275,36 @@ def test_inpaint_image_fills_only_the_holes_at_any_size(trained, tmp_path, capsy
     np.testing.assert_array_equal(filled[~hole], image[~hole])
     assert (filled[hole] != image[hole]).any()
     assert "130 hole pixels of 45x30 filled" in capsys.readouterr().out
+
+
+def test_flip_averaging_fills_the_holes_with_the_mean_of_both_fills_and_nothing_else(trained, tmp_path):
+    image = np.random.default_rng(1).integers(0, 256, size=(30, 45, 3), dtype=np.uint8)
+    hole = np.zeros((30, 45), dtype=bool)
+    hole[5:15, 8:20] = True  # off the vertical centre line: the mirrored fill sees other surroundings
+    Image.fromarray(image).save(tmp_path / "in.png")
+    Image.fromarray(hole.astype(np.uint8) * 255).save(tmp_path / "mask.png")
+    args = ["--model", str(trained.checkpoint), "--image", str(tmp_path / "in.png")]
+    args += ["--mask", str(tmp_path / "mask.png")]
+    job("inpaint_image")([*args, "--out", str(tmp_path / "plain.png")])
+    job("inpaint_image")([*args, "--out", str(tmp_path / "flip.png"), "--flip-average"])
+    plain, flipped = (np.asarray(Image.open(tmp_path / name).convert("RGB")) for name in ("plain.png", "flip.png"))
+
+    np.testing.assert_array_equal(flipped[~hole], image[~hole])
+    assert (flipped[hole] != plain[hole]).any()
+    target, mask = to_float_images(image[None]), torch.from_numpy(hole[None, None]).float()
+    masked = apply_holes(target, mask)
+    mirrored = model_fill(trained.model, masked.flip(-1), mask.flip(-1)).flip(-1)
+    expected = (model_fill(trained.model, masked, mask) + mirrored) / 2
+    torch.testing.assert_close(flip_averaged_fill(trained.model, masked, mask), expected)
+    assert np.abs(flipped[hole].astype(int) - (expected[0].permute(1, 2, 0).numpy()[hole] * 255)).max() <= 1
+
+
+def test_evaluation_job_reports_flip_averaging_in_rows_of_its_own(trained, tiny_data, tmp_path):
+    args = ["--model", str(trained.checkpoint), "--data", str(tiny_data), "--flip-average"]
+    job("evaluate")([*args, "--tracking-uri", trained.tracking_uri, "--json", str(tmp_path / "eval.json")])
+    rows = {row["method"]: row for row in json.loads((tmp_path / "eval.json").read_text())["rows"]}
+    assert list(rows) == ["model", "model-flip", "telea", "ns", "mean", "zero"]
+    assert rows["model-flip"]["psnr_hole"] != rows["model"]["psnr_hole"]
 
 
 def test_inpaint_image_refuses_a_mask_of_another_size(trained, tmp_path, capsys):
