@@ -1,7 +1,8 @@
 """What a training checkpoint holds, and the model it rebuilds: plain PyTorch, no Ray.
 
 A checkpoint is a folder with `state.pt`: {"model", "optimizer", "scheduler": state dicts, "epoch",
-"config": the whole config as a dict, "metrics": the epoch's validation metrics}. It holds tensors
+"config": the whole config as a dict, "metrics": the epoch's validation metrics, and "ema": the
+`AveragedModel` state of the weights' moving average where `train.ema_decay` kept one}. It holds tensors
 and plain values only, so it loads with `torch.load(weights_only=True)`: no pickled code runs.
 """
 
@@ -27,8 +28,16 @@ def load_checkpoint_state(folder: str) -> dict[str, Any]:
     return torch.load(os.path.join(folder, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
 
 
+def delivered_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint delivers: the moving average where one was kept (it is what was validated),
+    else the network's own."""
+    if "ema" not in state:
+        return state["model"]
+    return {key.removeprefix("module."): value for key, value in state["ema"].items() if key != "n_averaged"}
+
+
 def model_from_state(state: dict[str, Any]) -> UNet:
-    """The model a checkpoint holds, built from the config saved beside its weights."""
+    """The model a checkpoint delivers, built from the config saved beside its weights."""
     model = build_model(from_dict(state["config"]).model)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(delivered_weights(state))
     return model.eval()

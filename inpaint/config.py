@@ -60,6 +60,9 @@ class TrainConfig:
     # the CPU has native bf16, else fp32 (docs/performance.md: 1.59× the images/s at the same quality)
     precision: str = "auto"
     channels_last: bool = True  # NHWC weights and activations, the layout oneDNN's CPU kernels prefer
+    # > 0: keep an exponential moving average of the weights (this decay per step); it is what is validated,
+    # pictured and registered, and the raw weights are scored beside it as raw_val_* (docs/results.md)
+    ema_decay: float = 0.0
 
 
 @dataclass
@@ -105,6 +108,7 @@ class Config:
             ("train.loss", self.train.loss in LOSSES, f"must be one of {', '.join(LOSSES)}"),
             ("train.best_metric", self.train.best_metric in VAL_METRICS, f"must be one of {', '.join(VAL_METRICS)}"),
             ("train.precision", self.train.precision in ("auto", "fp32", "bf16"), "must be auto, fp32 or bf16"),
+            ("train.ema_decay", 0 <= self.train.ema_decay < 1, "must be in [0, 1): 0 is off, e.g. 0.999"),
             ("scaling.workers", self.scaling.workers >= 1, "must be at least 1 (a positive worker count)"),
             ("scaling.cpus_per_worker", self.scaling.cpus_per_worker > 0, "must be positive"),
             ("data.val", self.data.val >= 1, "must be at least 1"),

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.train.torch import TorchTrainer
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from inpaint import tracking
 from inpaint.checkpoints import load_checkpoint_state, model_from_state, save_checkpoint_state
@@ -141,6 +142,12 @@ class Worker:
     height: int
     width: int
     steps_per_epoch: int
+    ema: AveragedModel | None = None  # the weights' moving average, where `train.ema_decay` asks for one
+
+    @property
+    def delivered(self) -> torch.nn.Module:
+        """The weights the run delivers (validated, pictured, registered): the average if kept, else the network."""
+        return self.ema.module if self.ema else self.module
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -177,10 +184,13 @@ def start_worker(loop_config: dict[str, Any]) -> Worker:
         module = module.to(memory_format=torch.channels_last)
     steps_per_epoch = math.ceil(loop_config["train_rows"] / (cfg.train.batch_size * world_size))
     optimizer, scheduler = build_optimizer(module, cfg, steps_per_epoch)
+    ema = None
+    if cfg.train.ema_decay > 0:  # BatchNorm's running statistics are averaged too
+        ema = AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True)
     return Worker(
         cfg, rank, world_size, module, module, optimizer, scheduler,
         loop_config["mlflow_run_id"], loop_config["tracking_uri"],
-        loop_config["height"], loop_config["width"], steps_per_epoch,
+        loop_config["height"], loop_config["width"], steps_per_epoch, ema,
     )  # fmt: skip
 
 
@@ -194,6 +204,8 @@ def restore(worker: Worker) -> int:
     worker.module.load_state_dict(state["model"])
     worker.optimizer.load_state_dict(state["optimizer"])
     worker.scheduler.load_state_dict(state["scheduler"])
+    if worker.ema and "ema" in state:  # else (EMA newly asked for) the average starts from these weights
+        worker.ema.load_state_dict(state["ema"])
     if worker.rank == 0:  # the run may have stopped between the checkpoint and its MLflow metrics
         print(f"resumed from the checkpoint of epoch {state['epoch']}", flush=True)
         tracking.log_metrics_once(
@@ -214,6 +226,8 @@ def train_one_epoch(worker: Worker, shard: ray.data.DataIterator, epoch: int) ->
     for step, (images, _) in enumerate(batches, start=1):
         masks = random_masks(len(images), worker.height, worker.width, cfg.masks, holes)
         loss = train_step(worker.model, worker.optimizer, worker.scheduler, images, masks, cfg)
+        if worker.ema:
+            worker.ema.update_parameters(worker.module)
         loss_sum += loss.item() * len(images)
         images_seen += len(images)
         if worker.rank == 0 and step % progress_every == 0:
@@ -228,25 +242,38 @@ def train_one_epoch(worker: Worker, shard: ray.data.DataIterator, epoch: int) ->
 
 def validate(worker: Worker, shard: ray.data.DataIterator, epoch: int, train_sums: list[float]) -> dict[str, float]:
     """Score this worker's share of the validation split on its fixed holes (in fp32), then all-reduce
-    those totals and the epoch's training sums in one call: every worker gets the epoch's metrics."""
+    those totals and the epoch's training sums in one call: every worker gets the epoch's metrics.
+
+    `val_*` score the delivered weights; with an EMA, `raw_val_*` score the network's own beside them."""
     cfg = worker.cfg
-    worker.model.eval()
-    totals, val_loss_sum = MetricTotals(), 0.0
+    scored = {"val": worker.delivered} | ({"raw_val": worker.model} if worker.ema else {})
+    totals = {prefix: MetricTotals() for prefix in scored}
+    val_loss_sum = 0.0
+    for model in scored.values():
+        model.eval()
     for images, index in shard.iter_torch_batches(batch_size=256, collate_fn=ImageBatches()):
         masks = validation_holes(cfg, index, worker.height, worker.width)
-        pred = fill(worker.model, images, masks)
-        loss = reconstruction_loss(pred, images, masks, cfg.train.loss, cfg.train.hole_weight)
-        val_loss_sum += loss.item() * len(images)
-        totals.update(images, pred, masks)
-    summed = torch.cat([totals.state(), torch.tensor([*train_sums, val_loss_sum], dtype=torch.float64)])
+        for prefix, model in scored.items():
+            pred = fill(model, images, masks)
+            totals[prefix].update(images, pred, masks)
+            if prefix == "val":
+                loss = reconstruction_loss(pred, images, masks, cfg.train.loss, cfg.train.hole_weight)
+                val_loss_sum += loss.item() * len(images)
+    summed = torch.cat(
+        [*(t.state() for t in totals.values()), torch.tensor([*train_sums, val_loss_sum], dtype=torch.float64)]
+    )
     dist.all_reduce(summed)
-    state_sums, (loss_total, seen_total, seconds_total, val_loss_total) = summed[:-4], summed[-4:].tolist()
-    return {
+    loss_total, seen_total, seconds_total, val_loss_total = summed[-4:].tolist()
+    per_model = summed[:-4].reshape(len(totals), -1)  # one row of totals per scored model, image count last
+    metrics = {
         "epoch": epoch,
         "train_loss": loss_total / seen_total,
-        "val_loss": val_loss_total / state_sums[-1].item(),
-        **{f"val_{name}": value for name, value in MetricTotals.compute(state_sums).items()},
-        # workers run side by side: the epoch's wall time is their mean time
+        "val_loss": val_loss_total / per_model[0, -1].item(),
+    }
+    for prefix, state in zip(totals, per_model, strict=True):
+        metrics |= {f"{prefix}_{name}": value for name, value in MetricTotals.compute(state).items()}
+    # workers run side by side: the epoch's wall time is their mean time
+    return metrics | {
         "images_per_s": seen_total / (seconds_total / worker.world_size),
         "lr": worker.scheduler.get_last_lr()[0],
     }
@@ -264,7 +291,7 @@ def checkpoint_and_report(worker: Worker, epoch: int, metrics: dict[str, float])
                 "epoch": epoch,
                 "config": worker.cfg.to_dict(),
                 "metrics": metrics,
-            }
+            } | ({"ema": worker.ema.state_dict()} if worker.ema else {})
             save_checkpoint_state(folder, state)
             checkpoint = ray.train.Checkpoint.from_directory(folder)
         ray.train.report(metrics, checkpoint=checkpoint)
@@ -276,7 +303,7 @@ def log_epoch(worker: Worker, epoch: int, metrics: dict[str, float], samples: tu
     After `report()`: a restart from this checkpoint re-sends these metrics, and one that lost it (a worker
     died before Ray Train registered it) redoes the epoch; `log_metrics_once` keeps either to one record."""
     tracking.log_metrics_once(worker.run_id, metrics, step=epoch, tracking_uri=worker.tracking_uri)
-    picture = sample_picture(worker.module, worker.cfg, *samples)
+    picture = sample_picture(worker.delivered, worker.cfg, *samples)
     tracking.log_picture(worker.run_id, picture, f"samples/epoch_{epoch:03d}.png", tracking_uri=worker.tracking_uri)
     print(
         f"epoch {epoch}/{worker.cfg.train.epochs}  train_loss {metrics['train_loss']:.4f}  "

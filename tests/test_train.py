@@ -70,6 +70,27 @@ def test_two_worker_run_is_tracked_and_registered(tiny_data, tmp_path):
     assert float(tags["val_psnr_hole"]) == pytest.approx(logged[epoch], abs=1e-3)
 
 
+def test_the_weights_moving_average_is_validated_and_registered_when_asked_for(tiny_data, tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = ["--data", str(tiny_data), "--workers", "1", "--epochs", "2", "--json", "result.json"]
+    args += [f"--set={s}" for s in [*SMALL_MODEL, "train.ema_decay=0.9", "tracking.run_name=ema"]]
+    finish(run_job(args, tmp_path, uri))
+    result = json.loads((tmp_path / "result.json").read_text())
+    client = MlflowClient(uri)
+    metrics = client.get_run(result["run_id"]).data.metrics
+    assert metrics["raw_val_psnr_hole"] != metrics["val_psnr_hole"]  # both weights scored, apart
+
+    name, version = result["model_uri"].removeprefix("models:/").split("/")
+    epoch = int(client.get_model_version(name, version).tags["epoch"])
+    states = [torch.load(path, weights_only=True) for path in (tmp_path / "runs" / "ema").glob("checkpoint_*/state.pt")]
+    (state,) = [state for state in states if state["epoch"] == epoch]
+    mlflow.set_tracking_uri(uri)
+    registered = mlflow.pytorch.load_model(result["model_uri"]).state_dict()
+    raw, averaged = state["model"], {k.removeprefix("module."): v for k, v in state["ema"].items()}
+    assert all(torch.equal(registered[key], averaged[key]) for key in registered)
+    assert not all(torch.equal(registered[key], raw[key]) for key in registered if key.endswith("weight"))
+
+
 def test_stopped_run_resumes_and_logs_each_epoch_once(interruptible_data, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     args = ["--data", str(interruptible_data), "--workers", "2", "--epochs", "3", "--set=tracking.run_name=stopped"]
