@@ -6,8 +6,8 @@
     tune.Tuner(trainable, param_space=space.param_space(), ...)
 
 A key given one of Tune's sampling primitives (`{choice: [...]}`, `{randint: [lo, hi]}`, ...) is
-searched; a key given a plain value is the same for every trial. `samples` and `early_stopping` set
-the study itself.
+searched; a key given a plain value is the same for every trial. `samples`, `search` (random, or
+Optuna's TPE) and `early_stopping` set the study itself.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from inpaint.config import Config, get, with_values
 from inpaint.errors import UserError
 
 PRIMITIVES = ("choice", "grid", "randint", "uniform", "loguniform")
+SEARCHERS = ("random", "optuna")  # Tune's random/grid sampling, or Optuna's TPE learning from the trials so far
 RANGES = ("randint", "uniform", "loguniform")  # written [lo, hi]
 # One value per study: the data is prepared once, the cluster and MLflow are shared, and ASHA
 # compares trials on the same metric with the same epoch budget.
@@ -68,6 +69,18 @@ class Search:
             case "loguniform":
                 return tune.loguniform(*self.args)
 
+    def distribution(self) -> Any:
+        """The Optuna distribution of the same values (for importances computed after a study of any searcher)."""
+        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+        match self.primitive:
+            case "choice" | "grid":
+                return CategoricalDistribution([v if isinstance(v, int | float | str) else str(v) for v in self.args])
+            case "randint":
+                return IntDistribution(*self.args)
+            case _:
+                return FloatDistribution(*self.args, log=self.primitive == "loguniform")
+
     def __str__(self) -> str:
         return f"{{{self.primitive}: {json.dumps(self.args)}}}"
 
@@ -80,6 +93,7 @@ class Space:
     searched: dict[str, Search]
     fixed: dict[str, Any]  # config values every trial shares
     samples: int | None = None
+    search: str = "random"  # one of SEARCHERS
     early_stopping: bool = True  # ASHA; off, every trial trains every epoch (an ablation's equal budget)
 
     @property
@@ -121,6 +135,9 @@ def load_space(path: str | os.PathLike) -> Space:
     early_stopping = entries.pop("early_stopping", True)
     if not isinstance(early_stopping, bool):
         raise UserError(f"{path}: early_stopping must be true or false, got {early_stopping!r}")
+    search = entries.pop("search", "random")
+    if search not in SEARCHERS:
+        raise UserError(f"{path}: search must be one of {', '.join(SEARCHERS)}, got {search!r}")
     searched, fixed = {}, {}
     for key, value in entries.items():
         key = str(key)
@@ -136,7 +153,13 @@ def load_space(path: str | os.PathLike) -> Space:
         searched[key] = parse_search(f"{path}: {key}", value)
     if not searched:
         raise UserError(f"{path} searches nothing: give at least one key a primitive, e.g. {{choice: [3, 5]}}")
-    return Space(path, searched, fixed, samples, early_stopping)
+    gridded = [key for key, search_ in searched.items() if search_.primitive == "grid"]
+    if search == "optuna" and gridded:
+        raise UserError(
+            f"{path}: {gridded[0]} is a grid, which Optuna cannot search (it samples): "
+            "make it a choice, or use search: random"
+        )
+    return Space(path, searched, fixed, samples, search, early_stopping)
 
 
 def parse_search(where: str, value: dict) -> Search:

@@ -33,6 +33,7 @@ from ray import tune
 from ray.tune.experiment import Trial
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
 
 from inpaint import tracking
 from inpaint.config import Config, load_config, with_values
@@ -154,6 +155,7 @@ class StudyResult:
     metrics: dict[str, float]  # the validation metrics of its best epoch
     model_uri: str  # models:/NAME@best
     table: str  # every trial, best first (markdown)
+    importances: dict[str, float]  # searched key → its share of the metric's variation (sums to 1; {} if unknown)
 
 
 def trials_at_once(cfg: Config) -> int:
@@ -231,19 +233,21 @@ def run_study(space: Space, cfg: Config, *, samples: int, resume: bool = False) 
     if all(result.metrics_dataframe is None or result.metrics_dataframe.empty for result in results):
         tracking.end_run(parent_run_id, "FAILED", tracking_uri=tracking_uri)
         raise results.errors[0]
-    return finish_study(study, results, list(space.searched))
+    return finish_study(study, results, space)
 
 
 def new_tuner(
     trainable: Any, space: Space, cfg: Config, *, samples: int, at_once: int, run_config: tune.RunConfig
 ) -> tune.Tuner:
-    """A study of `samples` samples of `space`, `at_once` trials side by side, ASHA on `train.best_metric`."""
+    """A study of `samples` samples of `space`, `at_once` trials side by side, ASHA on `train.best_metric`;
+    with `search: optuna`, Optuna's TPE proposes each trial from the reports of those before it."""
     return tune.Tuner(
         trainable,
         param_space=space.param_space(),
         tune_config=tune.TuneConfig(
             metric=cfg.train.best_metric,
             mode=metric_mode(cfg.train.best_metric),
+            search_alg=OptunaSearch(seed=cfg.train.seed) if space.search == "optuna" else None,
             scheduler=ASHAScheduler(
                 time_attr="epoch",
                 max_t=cfg.train.epochs,
@@ -287,7 +291,8 @@ def open_parent_run(space: Space, cfg: Config, samples: int, name: str, tracking
     run_id = tracking.start_run(tracking_uri, cfg.tracking.experiment, name, shared, tags={"space": str(space.path)})
     client = MlflowClient(tracking_uri)
     searched = [Param(f"search.{key}", str(search)) for key, search in space.searched.items()]
-    study = [Param("samples", str(samples)), Param("early_stopping", str(space.early_stopping).lower())]
+    study = [Param("samples", str(samples)), Param("search", space.search)]
+    study += [Param("early_stopping", str(space.early_stopping).lower())]
     client.log_batch(run_id, params=[*searched, *study])
     client.log_artifact(run_id, str(space.path))
     return run_id
@@ -312,9 +317,9 @@ def reconcile_child_runs(study: Study) -> None:
             tracking.end_run(run_id, "FINISHED", tracking_uri=study.tracking_uri)
 
 
-def finish_study(study: Study, results: tune.ResultGrid, keys: list[str]) -> StudyResult:
-    """Register the best trial's best epoch as `models:/NAME@best`; log the results table, the figure
-    and the best trial's metrics to the parent run, and end it."""
+def finish_study(study: Study, results: tune.ResultGrid, space: Space) -> StudyResult:
+    """Register the best trial's best epoch as `models:/NAME@best`; log the results table, the parameter
+    importances, the figure and the best trial's metrics to the parent run, and end it."""
     metric, uri = study.cfg.train.best_metric, study.tracking_uri
     mode = metric_mode(metric)
     best = results.get_best_result(metric, mode, scope="all")  # the trial whose best epoch is best
@@ -331,10 +336,15 @@ def finish_study(study: Study, results: tune.ResultGrid, keys: list[str]) -> Stu
     model_uri = f"models:/{model}@{BEST_ALIAS}"
 
     reports = trial_reports(results)
-    table = results_table(reports, keys, metric, study.cfg.train.epochs)
+    table = results_table(reports, list(space.searched), metric, study.cfg.train.epochs)
+    importances = parameter_importances(space, reports, metric)
     val_metrics = {key: float(value) for key, value in state["metrics"].items() if key.startswith("val_")}
     client = MlflowClient(uri)
     client.log_text(study.parent_run_id, table + "\n", "results.md")
+    if importances:
+        client.log_text(study.parent_run_id, importances_table(importances, metric) + "\n", "importances.md")
+        shares = {f"importance.{key}": share for key, share in importances.items()}
+        tracking.log_metrics(study.parent_run_id, shares, step=0, tracking_uri=uri)
     figure = trials_figure(reports, metric, f"{study.name}: {metric} per trial")
     tracking.log_picture(study.parent_run_id, figure, "trials.png", tracking_uri=uri)
     for key, value in {"best_run_id": best_run_id, "best_trial_id": trial_id, "best_model": model_uri}.items():
@@ -342,7 +352,7 @@ def finish_study(study: Study, results: tune.ResultGrid, keys: list[str]) -> Stu
     tracking.log_metrics(study.parent_run_id, val_metrics, step=int(state["epoch"]), tracking_uri=uri)
     tracking.end_run(study.parent_run_id, "FINISHED", tracking_uri=uri)
     return StudyResult(
-        study.name, study.parent_run_id, best_run_id, trial_id, best.config, val_metrics, model_uri, table
+        study.name, study.parent_run_id, best_run_id, trial_id, best.config, val_metrics, model_uri, table, importances
     )
 
 
@@ -375,18 +385,54 @@ def trial_reports(results: tune.ResultGrid) -> list[TrialReports]:
 
 
 def results_table(reports: list[TrialReports], keys: list[str], metric: str, epochs: int) -> str:
-    """A markdown table, a row per trial, best first: its searched values, epochs run and its best epoch's metrics."""
+    """A markdown table, a row per trial, best first: its searched values, epochs run, its minutes of
+    training (Tune's clock, start-up included) and its best epoch's metrics."""
     sign = 1 if metric_mode(metric) == "max" else -1
-    header = ["trial", *keys, "epochs", *TABLE_METRICS]
+    header = ["trial", *keys, "epochs", "minutes", *TABLE_METRICS]
     rows = []
     for trial in sorted(reports, key=lambda trial: -sign * trial.best_epoch(metric)[metric]):
         best, ran = trial.best_epoch(metric), int(trial.epochs["epoch"].max())
         status = " failed" if trial.failed else " stopped" if ran < epochs else ""
         values = (f"{value:.3g}" if isinstance(value, float) else str(value) for value in map(trial.values.get, keys))
-        rows.append([trial.trial_id, *values, f"{ran}/{epochs}{status}", *(f"{best[m]:.4f}" for m in TABLE_METRICS)])
+        minutes = f"{trial.epochs['time_total_s'].max() / 60:.1f}"
+        scores = (f"{best[m]:.4f}" for m in TABLE_METRICS)
+        rows.append([trial.trial_id, *values, f"{ran}/{epochs}{status}", minutes, *scores])
+    return markdown(header, rows)
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(map(len, column)) for column in zip(header, *rows, strict=True)]
     lines = [header, ["-" * width for width in widths], *rows]
     return "\n".join("| " + " | ".join(map(str.ljust, line, widths)) + " |" for line in lines)
+
+
+def parameter_importances(space: Space, reports: list[TrialReports], metric: str) -> dict[str, float]:
+    """Each searched key's share of how `metric` varies over the trials (Optuna's PED-ANOVA, summing to 1),
+    scored at the last epoch every trial reached, so that trials ASHA stopped compare on equal budgets;
+    {} where the trials are too few or too alike to tell."""
+    import optuna  # late: only a finished study needs it
+
+    reached = min((int(trial.epochs["epoch"].max()) for trial in reports), default=0)
+    distributions = {key: search.distribution() for key, search in space.searched.items()}
+    direction = "maximize" if metric_mode(metric) == "max" else "minimize"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction=direction)
+    for trial in reports:
+        at = trial.epochs.loc[trial.epochs["epoch"] == reached, metric]
+        params = {key: trial.values[key] for key in distributions}
+        params = {k: v if isinstance(v, int | float | str) else str(v) for k, v in params.items()}
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions, value=float(at.iloc[0])))
+    if len(study.trials) < 4:
+        return {}
+    try:
+        return dict(optuna.importance.get_param_importances(study))
+    except (ValueError, RuntimeError, ZeroDivisionError):  # e.g. every trial scored the same
+        return {}
+
+
+def importances_table(importances: dict[str, float], metric: str) -> str:
+    rows = [[key, f"{share:.2f}"] for key, share in sorted(importances.items(), key=lambda item: -item[1])]
+    return markdown(["searched key", f"share of {metric}'s variation"], rows)
 
 
 def trials_figure(reports: list[TrialReports], metric: str, title: str) -> Figure:

@@ -17,7 +17,7 @@ from inpaint.config import VAL_METRICS, add_config_flags, flag_values, load_conf
 from inpaint.errors import cli_errors
 from inpaint.runtime import configure_process
 from inpaint.spaces import load_space
-from inpaint.tune import run_study
+from inpaint.tune import importances_table, run_study
 
 DEFAULT_SAMPLES = 8  # for a space file that does not say
 
@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> None:
 
     uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
     print(f"\nstudy {result.name}, best first:\n{result.table}\n")
+    if result.importances:
+        print(f"what moved {cfg.train.best_metric} (Optuna's PED-ANOVA importances):")
+        print(importances_table(result.importances, cfg.train.best_metric) + "\n")
     rows = [
         ("best trial", result.best_trial_id),
         ("best config", " ".join(f"{key}={value}" for key, value in result.best_config.items())),
@@ -72,6 +75,7 @@ def main(argv: list[str] | None = None) -> None:
             "best_config": result.best_config,
             **result.metrics,
             "model_uri": result.model_uri,
+            "importances": result.importances,
         }
         args.json.write_text(json.dumps(summary, indent=2) + "\n")
 

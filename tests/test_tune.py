@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import signal
 import subprocess
@@ -13,6 +14,8 @@ import time
 from pathlib import Path
 
 import mlflow
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 from helpers import REPO, SMALL_MODEL, finish, metric_steps, run_job
@@ -20,12 +23,14 @@ from mlflow import MlflowClient
 
 from inpaint.config import load_config
 from inpaint.errors import UserError
-from inpaint.spaces import check_space, load_space
+from inpaint.spaces import Search, Space, check_space, load_space
+from inpaint.tune import TrialReports, parameter_importances
 
 # Small networks for 2 epochs, three trials. The third barely learns (lr 1e-7): whichever of the
 # first two reports first, its first epoch falls below ASHA's cutoff, so it is stopped early.
 FIXED = "\n".join(f"{key}: {value}" for key, value in (setting.split("=", 1) for setting in SMALL_MODEL))
 STUDY_SPACE = f"train.epochs: 2\n{FIXED}\ntrain.lr: {{grid: [3.0e-3, 1.0e-3, 1.0e-7]}}\n"
+OPTUNA_SPACE = f"search: optuna\ntrain.epochs: 2\n{FIXED}\ntrain.lr: {{loguniform: [1.0e-4, 3.0e-3]}}\n"
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -47,7 +52,7 @@ def test_space_file_reads_searched_and_fixed_keys(tmp_path):
             "train.epochs: 3\nmodel.widths: [8, 16, 32]\n",
         )
     )
-    assert space.samples == 5 and space.name == "space" and space.early_stopping
+    assert space.samples == 5 and space.name == "space" and space.early_stopping and space.search == "random"
     assert space.fixed == {"train.epochs": 3, "model.widths": [8, 16, 32]}
     assert space.searched["train.lr"].args == [1e-4, 1e-2]  # YAML reads 1e-4 as a string
     domains = space.param_space()
@@ -78,6 +83,8 @@ def test_space_file_reads_searched_and_fixed_keys(tmp_path):
         ("samples: 0\nmodel.fusion: {choice: [add]}", "samples must be a positive integer"),
         ("early_stopping: maybe\nmodel.fusion: {choice: [add]}", "early_stopping must be true or false"),
         ("train.epochs: 2", "searches nothing"),
+        ("search: tpe\nmodel.fusion: {choice: [add]}", "search must be one of random, optuna, got 'tpe'"),
+        ("search: optuna\ntrain.lr: {grid: [0.1, 0.01]}", "train.lr is a grid, which Optuna cannot search"),
     ],
 )
 def test_bad_space_file_is_refused_naming_the_key(tmp_path, text, message):
@@ -101,6 +108,12 @@ def test_space_values_that_cannot_train_are_refused_naming_the_key(tmp_path, tex
         check_space(space, load_config(None, values=space.fixed))
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "tune_spaces").glob("*.yaml")), ids=lambda path: path.name)
+def test_every_shipped_space_file_can_train(path):
+    space = load_space(path)
+    check_space(space, load_config(None, values=space.fixed))
+
+
 def test_bad_space_file_stops_the_job_in_one_line_before_ray_starts(tmp_path):
     space = write(tmp_path, "model.mixer_depth: {randint: [4, 1]}\n")
     started = time.monotonic()
@@ -118,6 +131,28 @@ def test_bad_space_file_stops_the_job_in_one_line_before_ray_starts(tmp_path):
         f"error: {space}: model.mixer_depth: empty range [4, 1]: lo must be below hi (a plain value fixes the key)"
     ]
     assert "Traceback" not in out and "Started a local Ray" not in out and time.monotonic() - started < 60
+
+
+def test_importances_credit_the_key_that_moves_the_metric_at_the_epoch_every_trial_reached():
+    space = Space(
+        Path("space.yaml"),
+        {"model.mixer_depth": Search("randint", [1, 8]), "train.lr": Search("uniform", [0.1, 1])},
+        {},
+    )
+    rng = np.random.default_rng(0)
+    reports = []
+    for trial in range(16):
+        depth, lr = int(rng.integers(1, 9)), float(rng.uniform(0.1, 1))
+        # epoch 1 moves with depth; epoch 2, which only some trials reach, would credit lr instead
+        epochs = pd.DataFrame(
+            {"epoch": [1, 2], "val_psnr_hole": [15.0 + depth, 30.0 * lr], "time_total_s": [60.0, 120.0]}
+        )
+        reports.append(
+            TrialReports(str(trial), {"model.mixer_depth": depth, "train.lr": lr}, epochs[: 1 + trial % 2], False)
+        )
+    shares = parameter_importances(space, reports, "val_psnr_hole")
+    assert shares["model.mixer_depth"] > 0.9 and sum(shares.values()) == pytest.approx(1)
+    assert parameter_importances(space, reports[:3], "val_psnr_hole") == {}  # too few trials to tell
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,11 +243,12 @@ def test_best_trial_is_registered_with_the_alias_best(study, tiny_data):
 
 @pytest.mark.ray
 def test_killed_study_resumes_without_running_finished_trials_again(tiny_data, tmp_path):
-    """The study's driver (and the local Ray it started) killed with SIGKILL once a trial has finished
-    and Tune has saved its state: `--resume` finishes the study, running no finished trial again."""
-    write(tmp_path, STUDY_SPACE)
+    """An Optuna study's driver (and the local Ray it started) killed with SIGKILL once a trial has finished
+    and Tune has saved its state: `--resume` finishes the study, running no finished trial again, and its
+    searcher goes on knowing the trials from before the kill."""
+    write(tmp_path, OPTUNA_SPACE)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    args = study_args(tiny_data, "--samples", "2", "--limit", "60")  # 6 trials: still going when it is killed
+    args = study_args(tiny_data, "--samples", "6", "--limit", "60")  # 6 trials: still going when it is killed
     proc = run_job(args, tmp_path, uri, job="tune.py", start_new_session=True)
     client, finished, deadline = MlflowClient(uri), [], time.monotonic() + 300
     while not finished:
@@ -240,6 +276,13 @@ def test_killed_study_resumes_without_running_finished_trials_again(tiny_data, t
     for child in children:
         assert_every_epoch_once(client, child, "val_loss", all_of=child.data.tags["stopped_early"] == "false")
     parent = client.get_run(result["parent_run_id"])
-    assert parent.info.status == "FINISHED"
+    assert parent.info.status == "FINISHED" and parent.data.params["search"] == "optuna"
     assert (parent.data.tags["data.train_rows"], parent.data.tags["data.val_rows"]) == ("54", "6")  # --limit 60
     assert client.get_model_version_by_alias("inpaint-fused-unet", "best").run_id == result["best_run_id"]
+
+    # Optuna's study, as Tune saved the searcher at the end: every trial, before and after the kill
+    (saved,) = sorted(states.glob("searcher-state-*.pkl"), key=lambda path: path.stat().st_mtime)[-1:]
+    optuna_trials = pickle.loads(saved.read_bytes())["_ot_study"].trials
+    lrs = sorted(float(child.data.params["train.lr"]) for child in children)
+    assert sorted(trial.params["train.lr"] for trial in optuna_trials) == pytest.approx(lrs)
+    assert all(trial.state.name == "COMPLETE" for trial in optuna_trials)
