@@ -95,3 +95,13 @@ def test_layers(tmp_path):
         assert row["gflop"] >= 0 and row["share_after"] >= 0
     convs = [row for row in rows if "Conv" in row["kind"]]
     assert all(row["gflop"] > 0 for row in convs)
+
+
+@pytest.mark.ray
+def test_time_to_quality(tmp_path):
+    result = run_benchmark("time_to_quality", tmp_path)
+    (row,) = result["rows"]
+    assert row["label"] == "current" and row["epochs"] == 2 and len(row["psnr_by_epoch"]) == 2
+    positive(row, "images_per_s", "last_psnr_hole")
+    reached, never = row["minutes_to"]["5"], row["minutes_to"]["100"]
+    assert never is None and 0 < reached <= row["psnr_by_epoch"][-1][1]  # by the last epoch's minute at the latest
