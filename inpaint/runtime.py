@@ -15,6 +15,8 @@ ENVIRONMENT = {
     # `tracking.log_metrics` buffers instead: 6 retries with factor 1 wait 0, 2, 4, 8, 16, 32 s.
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "6",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    # MLflow draws a progress bar on stderr for slow artifact downloads: a job's stderr is its one error line
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     # Ray Train prints each worker line twice (its own copy and Ray's log forwarding): once is enough.
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     # torch.compile (inpaint.kernels) compiles in this process: a worker holding 1 CPU starts no compiler pool.

@@ -261,7 +261,12 @@ def test_killed_study_resumes_without_running_finished_trials_again(tiny_data, t
             )
     seen_finished = time.time()
     states = tmp_path / "runs" / "tune-space"
-    while not any(state.stat().st_mtime > seen_finished for state in states.glob("experiment_state-*.json")):
+    # Tune saves its trials, then the searcher's state: kill once both are saved, or the restored searcher
+    # would lack trials that the restored study runs
+    while not all(
+        any(state.stat().st_mtime > seen_finished for state in states.glob(pattern))
+        for pattern in ("experiment_state-*.json", "searcher-state-*.pkl")
+    ):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
         time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGKILL)
