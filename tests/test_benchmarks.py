@@ -105,3 +105,15 @@ def test_time_to_quality(tmp_path):
     positive(row, "images_per_s", "last_psnr_hole")
     reached, never = row["minutes_to"]["5"], row["minutes_to"]["100"]
     assert never is None and 0 < reached <= row["psnr_by_epoch"][-1][1]  # by the last epoch's minute at the latest
+
+
+@pytest.mark.ray
+def test_serve_load(tmp_path):
+    result = run_benchmark("serve_load", tmp_path)
+    rows = result["rows"]
+    expected = {(batching, concurrency) for batching in ("on", "off") for concurrency in (1, 8, 32)}
+    assert {(row["batching"], row["concurrency"]) for row in rows} == expected
+    for row in rows:
+        assert row["errors"] == 0
+        positive(row, "requests_per_s", "p50_ms", "p99_ms", "mean_batch")
+        assert row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
