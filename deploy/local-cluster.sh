@@ -2,7 +2,7 @@
 # A Ray CPU cluster of several nodes on this one machine: a head node and N-1 worker nodes.
 #
 #   deploy/local-cluster.sh up [--nodes N] [--cpus-per-node C] [--port P] [--dashboard-port D]
-#                              [--mode auto|netns|loopback] [--run-dir DIR]
+#                              [--mode auto|netns|loopback] [--run-dir DIR] [--env-file FILE] [--s3 [--s3-port P]]
 #   deploy/local-cluster.sh status [--run-dir DIR]
 #   deploy/local-cluster.sh env    [--run-dir DIR]     # the export lines, for eval "$(...)"
 #   deploy/local-cluster.sh down   [--run-dir DIR] [--keep-logs]
@@ -10,6 +10,9 @@
 # Defaults: 2 nodes of 1 CPU, the GCS on port 6390 (P+1: Ray's client server, P+2: the head's agent,
 # loopback mode: P+k+1 node k's agent), the dashboard and job server on 127.0.0.1:8275, the run folder
 # $INPAINT_CLUSTER_DIR or runs/cluster. See deploy/README.md.
+# --env-file FILE: every node starts with FILE's `export NAME=VALUE` lines (e.g. a real object store's AWS_*).
+# --s3: also start an S3 server (deploy/s3-server.sh, in RUN_DIR/s3) where every node reaches it, before the nodes,
+#       and give every node its endpoint and credentials; `down` stops it too.
 #
 # Modes (how the nodes are kept apart):
 #   netns     (root with iproute2) each worker node is a separate host: its own network namespace,
@@ -31,7 +34,7 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(dirname "$HERE")"
 
 usage() {
-    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -45,6 +48,9 @@ dashboard_port=8275
 mode=auto
 run_dir="${INPAINT_CLUSTER_DIR:-$REPO/runs/cluster}"
 keep_logs=0
+env_file=""
+with_s3=0
+s3_port=9200
 value() { # the value after an option, or a usage error
     [[ $# -ge 2 && -n "$2" ]] || { echo "error: $1 needs a value" >&2; exit 2; }
     echo "$2"
@@ -58,6 +64,9 @@ while [[ $# -gt 0 ]]; do
     --mode) mode="$(value "$@")"; shift 2 ;;
     --run-dir) run_dir="$(value "$@")"; shift 2 ;;
     --keep-logs) keep_logs=1; shift ;;
+    --env-file) env_file="$(value "$@")"; shift 2 ;;
+    --s3) with_s3=1; shift ;;
+    --s3-port) s3_port="$(value "$@")"; shift 2 ;;
     -h | --help) usage ;;
     *) echo "error: unknown option $1" >&2; usage ;;
     esac
@@ -102,16 +111,36 @@ load_state() {
 # ---------------------------------------------------------------------------------------------
 # up
 
+read_env_file() { # FILE: its `export NAME=VALUE` lines as NAME=VALUE (read, never run), one a line
+    local line
+    [[ -r "$1" ]] || die "no env file $1 (--env-file)"
+    while IFS= read -r line || [[ -n "$line" ]]; do
+        line="${line#export }"
+        [[ "$line" =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || continue
+        echo "$line"
+    done <"$1"
+}
+
 start_node() { # index ip netns(or "") extra ray-start args...
     local k="$1" ip="$2" ns="$3"
     shift 3
     local -a prefix=() env=(INPAINT_CLUSTER="$CLUSTER_ID" RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$run_dir/auth_token"
-        RAY_USAGE_STATS_ENABLED=0 MLFLOW_DISABLE_TELEMETRY=true)
+        RAY_USAGE_STATS_ENABLED=0 MLFLOW_DISABLE_TELEMETRY=true) node_env=()
     [[ -n "$ns" ]] && prefix=(ip netns exec "$ns")
     # gloo (torch.distributed) binds to what the hostname resolves to (127.0.0.1 here): name the node's interface
     [[ "$MODE" == netns ]] && env+=(GLOO_SOCKET_IFNAME="$(if [[ -n "$ns" ]]; then echo eth0; else echo "$BRIDGE"; fi)")
-    if ! "${prefix[@]}" env -u RAY_ADDRESS "${env[@]}" "$RAY_BIN" start --node-ip-address "$ip" --num-cpus "$cpus" \
-        --temp-dir "$TEMP_ROOT/n$k" --disable-usage-stats "$@" >"$run_dir/node$k.log" 2>&1; then
+    # What the node's machine would have: the object store's endpoint and credentials (exported below, never on a
+    # command line), and a working directory and temp dir of its own: no folder of this machine is shared.
+    local file
+    for file in $NODE_ENV_FILES; do mapfile -t -O "${#node_env[@]}" node_env < <(read_env_file "$file"); done
+    mkdir -p "$TEMP_ROOT/n$k/cwd" "$TEMP_ROOT/n$k/tmp"
+    env+=(TMPDIR="$TEMP_ROOT/n$k/tmp")
+    if ! (
+        cd "$TEMP_ROOT/n$k/cwd"
+        [[ ${#node_env[@]} -eq 0 ]] || export "${node_env[@]}"
+        "${prefix[@]}" env -u RAY_ADDRESS "${env[@]}" "$RAY_BIN" start --node-ip-address "$ip" --num-cpus "$cpus" \
+            --temp-dir "$TEMP_ROOT/n$k" --disable-usage-stats "$@"
+    ) >"$run_dir/node$k.log" 2>&1; then
         tail -n 20 "$run_dir/node$k.log" >&2
         echo "error: node $k ($ip) did not start (log: $run_dir/node$k.log); stopping the rest" >&2
         "$0" down --run-dir "$run_dir" --keep-logs >/dev/null 2>&1 || true
@@ -122,6 +151,10 @@ start_node() { # index ip netns(or "") extra ray-start args...
 up() {
     [[ "$nodes" =~ ^[1-9][0-9]*$ && "$nodes" -le 16 ]] || die "--nodes must be 1 to 16, got $nodes"
     [[ "$cpus" =~ ^[1-9][0-9]*$ ]] || die "--cpus-per-node must be a positive integer, got $cpus"
+    if [[ -n "$env_file" ]]; then
+        [[ -r "$env_file" ]] || die "no env file $env_file (--env-file)"
+        env_file="$(cd "$(dirname "$env_file")" && pwd)/$(basename "$env_file")"
+    fi
     RAY_BIN="$(command -v ray)" || die "no ray command: activate the project's environment (. .venv/bin/activate)"
     command -v curl >/dev/null || die "no curl: apt-get install curl"
     if [[ -f "$state" ]]; then
@@ -139,7 +172,9 @@ up() {
     # P: the GCS; P+1: Ray's client server; P+2: the head's dashboard agent; loopback mode: P+k+1 node k's agent
     local p last=$((port + 2))
     [[ "$MODE" == loopback ]] && last=$((port + nodes + 1))
-    for p in $(seq "$port" "$last") "$dashboard_port"; do
+    local others=("$dashboard_port")
+    [[ "$with_s3" == 1 ]] && others+=("$s3_port")
+    for p in $(seq "$port" "$last") "${others[@]}"; do
         port_in_use "$p" && die "port $p is taken on this machine: pick others with --port P (takes P to P+$((last - port))) and --dashboard-port D"
     done
 
@@ -174,6 +209,7 @@ TEMP_ROOT=$TEMP_ROOT
 BRIDGE=$BRIDGE
 SUBNET=$SUBNET
 NAMESPACES="$NAMESPACES"
+S3=$with_s3
 EOF
 
     # a step that fails from here on takes down what the earlier ones started
@@ -198,6 +234,13 @@ EOF
     fi
 
     local started=$SECONDS
+    if [[ "$MODE" == netns ]]; then SERVICE_HOST="$HEAD_IP"; else SERVICE_HOST=127.0.0.1; fi
+    NODE_ENV_FILES="$env_file" S3="$with_s3"
+    if [[ "$with_s3" == 1 ]]; then # where every node reaches it: the bridge (netns) or this machine's loopback
+        "$HERE/s3-server.sh" up --host "$SERVICE_HOST" --port "$s3_port" --run-dir "$run_dir/s3" >"$run_dir/s3-up.log" 2>&1 ||
+            { cat "$run_dir/s3-up.log" >&2; false; }
+        NODE_ENV_FILES+=" $run_dir/s3/s3.env"
+    fi
     start_node 1 "$HEAD_IP" "" --head --port "$port" --ray-client-server-port "$((port + 1))" \
         --dashboard-host 127.0.0.1 --dashboard-port "$dashboard_port" --dashboard-agent-listen-port "$((port + 2))"
     for k in $(seq 2 "$nodes"); do
@@ -217,7 +260,6 @@ EOF
         "$0" down --run-dir "$run_dir" --keep-logs >/dev/null 2>&1 || true
         die "only $alive of $nodes nodes joined within 60 s (logs: $run_dir/node*.log)"
     }
-    if [[ "$MODE" == netns ]]; then SERVICE_HOST="$HEAD_IP"; else SERVICE_HOST=127.0.0.1; fi
     cat >"$run_dir/cluster.env" <<EOF
 # source this file (or eval "\$(deploy/local-cluster.sh env)") to use the cluster from a shell
 export RAY_ADDRESS=$HEAD_IP:$port
@@ -227,6 +269,9 @@ export RAY_AUTH_TOKEN_PATH=$run_dir/auth_token
 # where services every node must reach (the MLflow server) should listen
 export INPAINT_SERVICE_HOST=$SERVICE_HOST
 EOF
+    for file in $NODE_ENV_FILES; do # what the nodes were given (the object store), for drivers and servers here
+        echo "[[ -r $file ]] && source $file" >>"$run_dir/cluster.env"
+    done
     echo "Ray cluster up in $((SECONDS - started)) s: $nodes nodes × $cpus CPU, mode $MODE"
     print_addresses
 }
@@ -251,6 +296,9 @@ print_addresses() {
     echo "RAY_ADDRESS               $HEAD_IP:$GCS_PORT   (drivers on this machine)"
     if [[ "$MODE" == netns ]]; then
         echo "MLflow for the nodes      deploy/mlflow-server.sh up --host $HEAD_IP   (the bridge: host-only)"
+    fi
+    if [[ "${S3:-0}" == 1 ]]; then
+        echo "S3 for every node         $(sed -n 's/^ENDPOINT=//p' "$run_dir/s3/s3.state" 2>/dev/null)   (deploy/s3-server.sh --run-dir $run_dir/s3; bucket s3://inpaint)"
     fi
     echo "use it from a shell       source $run_dir/cluster.env   (RAY_ADDRESS, the job server, the auth token)"
 }
@@ -278,6 +326,7 @@ down() {
     local count left
     count="$(stop_marked "INPAINT_CLUSTER=$CLUSTER_ID")"
     left="$(marked_pids "INPAINT_CLUSTER=$CLUSTER_ID" | tr '\n' ' ')"
+    [[ "${S3:-0}" != 1 ]] || "$HERE/s3-server.sh" down --run-dir "$run_dir/s3" >/dev/null || left+="(the S3 server) "
     if [[ "$MODE" == netns ]]; then
         for ns in $NAMESPACES; do ip netns del "$ns" 2>/dev/null || true; done
         [[ -z "$BRIDGE" ]] || ip link del "$BRIDGE" 2>/dev/null || true

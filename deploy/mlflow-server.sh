@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The MLflow tracking server that every node and the browser use: runs, metrics, artifacts, the model registry.
 #
-#   deploy/mlflow-server.sh up [--host H] [--port P] [--backend-store-uri URI] [--artifacts-destination URI]
+#   deploy/mlflow-server.sh up [--host H] [--port P] [--backend-store-uri URI] [--artifacts URI]
 #                              [--run-dir DIR] [-- more `mlflow server` options]
 #   deploy/mlflow-server.sh status [--run-dir DIR]
 #   deploy/mlflow-server.sh env    [--run-dir DIR]     # the export line, for eval "$(...)"
@@ -10,7 +10,8 @@
 # Defaults: 127.0.0.1:5050, a SQLite database and an artifact folder in the run folder (runs/mlflow).
 # Artifacts go through the server (--serve-artifacts): nodes and browsers need only its HTTP address.
 # Production: --backend-store-uri postgresql://USER@HOST/DB (pip install -e .[postgres]) and
-# --artifacts-destination s3://BUCKET/PATH. --host 0.0.0.0 opens it to every machine that reaches this
+# --artifacts s3://BUCKET/PATH (alias --artifacts-destination; boto3, and the AWS_* variables in this shell: the
+# server alone talks to the bucket, checked before it starts). --host 0.0.0.0 opens it to every machine that reaches this
 # one, with no login: see deploy/README.md before doing that.
 set -euo pipefail
 
@@ -42,7 +43,7 @@ while [[ $# -gt 0 ]]; do
     --host) host="$(value "$@")"; shift 2 ;;
     --port) port="$(value "$@")"; shift 2 ;;
     --backend-store-uri) backend="$(value "$@")"; shift 2 ;;
-    --artifacts-destination) artifacts="$(value "$@")"; shift 2 ;;
+    --artifacts | --artifacts-destination) artifacts="$(value "$@")"; shift 2 ;;
     --run-dir) run_dir="$(value "$@")"; shift 2 ;;
     --) shift; extra=("$@"); break ;;
     -h | --help) usage ;;
@@ -75,6 +76,15 @@ up() {
         die "no address $host on this machine: --host takes one of its own addresses (ip -4 addr), or 0.0.0.0"
     fi
     port_in_use "$port" "$probe" && die "port $port is taken on $probe: pick another with --port"
+    if [[ "$artifacts" == *://* && "$artifacts" != file://* ]]; then # the server reads and writes the bucket itself
+        if [[ "$artifacts" == s3://* ]]; then
+            "$(dirname "$mlflow_bin")/python" -c 'import boto3' 2>/dev/null ||
+                die "MLflow needs boto3 to serve artifacts from $artifacts: pip install boto3 (pip install -e \".[dev]\" has it)"
+        fi
+        local problem
+        problem="$("$(dirname "$mlflow_bin")/python" -m inpaint.storage check "$artifacts" 2>&1)" ||
+            die "${problem#error: } (the artifacts of --artifacts)"
+    fi
     mkdir -p "$run_dir"
     run_dir="$(cd "$run_dir" && pwd)"
     state="$run_dir/mlflow.state"
@@ -98,9 +108,13 @@ up() {
     local started=$SECONDS
     # One worker and no job runner: MLflow 3's defaults (4 workers, a Huey job runner) take 13 s to start
     # here instead of 5-6 s, for nothing this project uses.
+    # An S3-compatible store's endpoint (MinIO, deploy/s3-server.sh): MLflow's own variable, from the AWS one
+    local -a store_env=()
+    local endpoint="${MLFLOW_S3_ENDPOINT_URL:-${AWS_ENDPOINT_URL_S3:-${AWS_ENDPOINT_URL:-}}}"
+    [[ -z "$endpoint" ]] || store_env=(MLFLOW_S3_ENDPOINT_URL="$endpoint")
     # shellcheck disable=SC2097,SC2098
     INPAINT_MLFLOW="$SERVER_ID" MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false MLFLOW_DISABLE_TELEMETRY=true \
-        setsid nohup "$mlflow_bin" server \
+        env "${store_env[@]}" setsid nohup "$mlflow_bin" server \
         --host "$host" --port "$port" --workers 1 \
         --backend-store-uri "$backend" \
         --serve-artifacts --artifacts-destination "$artifacts" \
@@ -126,7 +140,7 @@ up() {
 print_addresses() {
     echo "tracking URI and UI   $TRACKING_URI"
     echo "backend store         $(sed -E 's#://[^/@]*@#://***@#' <<<"$BACKEND")   (credentials hidden)"
-    echo "artifacts             $ARTIFACTS (served through the server)"
+    echo "artifacts             $(sed -E 's#://[^/@]*@#://***@#' <<<"$ARTIFACTS") (served through the server)"
     echo "use it from a shell   source $run_dir/mlflow.env   (MLFLOW_TRACKING_URI)"
 }
 
@@ -154,7 +168,11 @@ down() {
     left="$(marked_pids "INPAINT_MLFLOW=$SERVER_ID" | tr '\n' ' ')"
     [[ -z "$left" ]] || die "processes $left of the MLflow server $SERVER_ID are still running"
     rm -f "$state" "$run_dir/mlflow.env"
-    echo "MLflow server $SERVER_ID down: $count processes stopped (runs and artifacts stay in $run_dir)"
+    if [[ "$ARTIFACTS" == *://* ]]; then
+        echo "MLflow server $SERVER_ID down: $count processes stopped (runs stay in $run_dir, artifacts in $ARTIFACTS)"
+    else
+        echo "MLflow server $SERVER_ID down: $count processes stopped (runs and artifacts stay in $run_dir)"
+    fi
 }
 
 case "$cmd" in

@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
+from inpaint import storage
 from inpaint.errors import UserError
 from inpaint.vision import import_torchvision
 
@@ -319,6 +320,7 @@ def prepare(
     the train split, each in source order. A finished `out` with the same settings is returned as is;
     split folders without a manifest (an interrupted run) are removed and written again.
     """
+    storage.check_bucket(out, f"preparing {out}")  # before reading the source: nothing is half-written
     fs, root = _filesystem(out)
     # The absolute path, so that the same source named from another folder is recognised as the same.
     settings = {"source": str(Path(source).resolve()), "seed": seed, "val": val, "limit": limit}
@@ -357,12 +359,14 @@ def prepare(
         **splits,
     }
 
-    for split in SPLITS:  # leftovers of an interrupted run: no manifest, so nothing in them is trusted
-        if fs.get_file_info(f"{root}/{split}").type != pafs.FileType.NotFound:
-            progress(f"removing {split}/ left by an interrupted run")
-            fs.delete_dir(f"{root}/{split}")
-    for split, (images, labels) in outputs.items():
-        _write_split(fs, f"{root}/{split}", split, images, labels, shard_rows, progress)
+    # A store failing from here on leaves no manifest, so the next run clears what was written and redoes it.
+    with storage.errors_explained(out, f"writing {out} (unfinished: no {MANIFEST}, the next run redoes it)"):
+        for split in SPLITS:  # leftovers of an interrupted run: no manifest, so nothing in them is trusted
+            if fs.get_file_info(f"{root}/{split}").type != pafs.FileType.NotFound:
+                progress(f"removing {split}/ left by an interrupted run")
+                fs.delete_dir(f"{root}/{split}")
+        for split, (images, labels) in outputs.items():
+            _write_split(fs, f"{root}/{split}", split, images, labels, shard_rows, progress)
 
     height, width = train_images.shape[1:3]
     manifest = {
@@ -373,7 +377,8 @@ def prepare(
         "splits": {split: len(images) for split, (images, _) in outputs.items()},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    _write_atomically(fs, f"{root}/{MANIFEST}", lambda file: file.write(json.dumps(manifest, indent=2).encode()))
+    with storage.errors_explained(out, f"writing {out} (unfinished: no {MANIFEST}, the next run redoes it)"):
+        _write_atomically(fs, f"{root}/{MANIFEST}", lambda file: file.write(json.dumps(manifest, indent=2).encode()))
     return manifest
 
 
@@ -430,20 +435,14 @@ def _write_atomically(fs: pafs.FileSystem, path: str, write: Callable[[IO[bytes]
 
 def _filesystem(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     """The pyarrow filesystem and path of a URI (s3://, gs://, file://...); a plain path is local."""
-    uri = str(uri)
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), os.path.abspath(uri)
-    try:
-        fs, path = pafs.FileSystem.from_uri(uri)
-    except pa.ArrowException as err:
-        raise UserError(f"cannot open {uri} ({err}); pass a local path or a URI pyarrow supports") from err
-    return fs, path.rstrip("/")
+    return storage.filesystem(uri)
 
 
 def is_prepared(path: str | os.PathLike) -> bool:
     """Whether `path` holds a finished prepared dataset (its manifest is written last)."""
     fs, root = _filesystem(path)
-    return fs.get_file_info(f"{root}/{MANIFEST}").type == pafs.FileType.File
+    with storage.errors_explained(path, f"looking for {path}/{MANIFEST}"):
+        return fs.get_file_info(f"{root}/{MANIFEST}").type == pafs.FileType.File
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
@@ -454,7 +453,10 @@ def read_manifest(path: str | os.PathLike) -> dict:
             f"run `python jobs/prepare.py --source SRC --out {path}` first"
         )
     fs, root = _filesystem(path)
-    with fs.open_input_stream(f"{root}/{MANIFEST}") as file:
+    with (
+        storage.errors_explained(path, f"reading {path}/{MANIFEST}"),
+        fs.open_input_stream(f"{root}/{MANIFEST}") as file,
+    ):
         manifest = json.loads(file.read())
     if manifest.get("format") != FORMAT:
         raise UserError(
@@ -470,7 +472,8 @@ def split_files(path: str | os.PathLike, split: str) -> list[str]:
     fs, root = _filesystem(path)
     # Local shards as plain paths; remote ones under the caller's URI, so scheme and host are kept.
     base = root if isinstance(fs, pafs.LocalFileSystem) else str(path).rstrip("/")
-    return [f"{base}/{split}/{name}" for name in _shard_names(fs, f"{root}/{split}")]
+    with storage.errors_explained(path, f"listing {path}/{split}"):
+        return [f"{base}/{split}/{name}" for name in _shard_names(fs, f"{root}/{split}")]
 
 
 def read_split(path: str | os.PathLike, split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -478,10 +481,11 @@ def read_split(path: str | os.PathLike, split: str, limit: int | None = None) ->
     manifest = _check_split(path, split)
     fs, root = _filesystem(path)
     tables = []
-    for name in _shard_names(fs, f"{root}/{split}"):
-        tables.append(pq.read_table(f"{root}/{split}/{name}", filesystem=fs, columns=["image", "index"]))
-        if limit is not None and sum(map(len, tables)) >= limit:
-            break
+    with storage.errors_explained(path, f"reading {path}/{split}"):
+        for name in _shard_names(fs, f"{root}/{split}"):
+            tables.append(pq.read_table(f"{root}/{split}/{name}", filesystem=fs, columns=["image", "index"]))
+            if limit is not None and sum(map(len, tables)) >= limit:
+                break
     table = pa.concat_tables(tables).slice(0, limit)
     images = _pixels(table.column("image").to_pylist(), manifest["height"], manifest["width"])
     # Copies: writable arrays that own their memory (Arrow's and bytes' buffers are read-only).

@@ -17,6 +17,9 @@ ENVIRONMENT = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     # MLflow draws a progress bar on stderr for slow artifact downloads: a job's stderr is its one error line
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    # Fetch artifacts through the tracking server, as deploy/ promises (a node needs its HTTP address only):
+    # MLflow 3.17 otherwise fetches a bucket's artifacts straight from the bucket by presigned URLs.
+    "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false",
     # Ray Train prints each worker line twice (its own copy and Ray's log forwarding): once is enough.
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     # torch.compile (inpaint.kernels) compiles in this process: a worker holding 1 CPU starts no compiler pool.

@@ -31,7 +31,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.train.torch import TorchTrainer
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
 
-from inpaint import tracking
+from inpaint import storage, tracking
 from inpaint.checkpoints import load_checkpoint_state, model_from_state, save_checkpoint_state
 from inpaint.config import VAL_METRICS, Config, from_dict, load_config
 from inpaint.data import batch_to_tensor, is_prepared, prepare, read_manifest, read_split, split_files, to_float_images
@@ -371,9 +371,10 @@ def check_cluster_fits(cfg: Config) -> None:
 
 
 def check_data(cfg: Config, data: str) -> None:
-    """Refuse, before any Ray work, a dataset with no validation images, and holes that cannot be drawn
-    on its images."""
+    """Refuse, before any Ray work, a dataset with no validation images, holes that cannot be drawn
+    on its images, and a checkpoint bucket the job could not write to (else the first epoch's end fails)."""
     manifest = read_manifest(data)
+    storage.check_bucket(storage_path(cfg), "checking scaling.storage_path (where checkpoints go)")
     if not manifest["splits"].get("val"):
         raise UserError(
             f"{data} has no validation images: prepare it again with --val N (jobs/prepare.py), N at least 1"
@@ -408,8 +409,9 @@ def read_datasets(cfg: Config, data: str) -> dict[str, ray.data.Dataset]:
     here = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
     datasets = {}
     for split, rows in zip(("train", "val"), limited_rows(cfg), strict=True):
-        dataset = ray.data.read_parquet(split_files(data, split), label_selector=here)
-        datasets[split] = (dataset.limit(rows) if rows else dataset).materialize()
+        dataset = ray.data.read_parquet(split_files(data, split), label_selector=here)  # s3://...: Ray's pyarrow S3
+        with storage.errors_explained(data, f"reading its {split} split"):
+            datasets[split] = (dataset.limit(rows) if rows else dataset).materialize()
     return datasets
 
 
@@ -473,7 +475,7 @@ def make_trainer(
 def storage_path(cfg: Config) -> str:
     """`scaling.storage_path` as Ray wants it: a URI, or an absolute path (workers run in other folders)."""
     path = cfg.scaling.storage_path
-    return path if "://" in path else os.path.abspath(path)
+    return path if storage.is_uri(path) else os.path.abspath(path)
 
 
 def log_checkpoint_model(
@@ -570,8 +572,14 @@ def prepare_data(cfg: Config) -> str:
     source = cfg.data.path or os.environ.get("INPAINT_DATA", "")
     if not source:
         raise UserError("no data given: pass --data DIR (a prepared dataset or a CIFAR-10 source) or set INPAINT_DATA")
+    storage.check_bucket(source, f"reading the data {source}")
     if is_prepared(source):
         return source
+    if storage.is_uri(source):  # sources are read from local files: a URI can only be a prepared dataset
+        raise UserError(
+            f"{source} holds no prepared dataset (no manifest.json under it): prepare one there with "
+            f"`python jobs/prepare.py --source SRC --out {source}`, or fix the prefix"
+        )
     name = os.path.basename(os.path.normpath(source)).split(".")[0] or "data"
     limit = f"-{cfg.data.limit}" if cfg.data.limit else ""
     out = cfg.data.prepared or os.path.abspath(os.path.join("data", f"prepared-{name}{limit}"))

@@ -35,7 +35,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from inpaint import tracking
+from inpaint import storage, tracking
 from inpaint.config import Config, load_config, with_values
 from inpaint.errors import UserError
 from inpaint.spaces import Space, check_space
@@ -180,10 +180,11 @@ def run_study(space: Space, cfg: Config, *, samples: int, resume: bool = False) 
             raise UserError(f"study {name!r} has finished: nothing to resume (drop --resume to start it again)")
         cfg = load_config(None, base=saved)
     check_space(space, cfg)
-    data = os.path.abspath(prepare_data(cfg))
+    data = prepare_data(cfg)
+    data = data if storage.is_uri(data) else os.path.abspath(data)  # trials run in other folders
     check_data(space.widest_holes(cfg), data)
-    storage = storage_path(cfg)
-    folder = f"{storage.rstrip('/')}/{name}"
+    storage_root = storage_path(cfg)
+    folder = f"{storage_root.rstrip('/')}/{name}"
     if resume and not tune.Tuner.can_restore(folder):
         raise UserError(f"no Tune state of study {name!r} in {folder}: nothing to resume")
     connect_ray(cfg.scaling.address)
@@ -210,7 +211,7 @@ def run_study(space: Space, cfg: Config, *, samples: int, resume: bool = False) 
     trainable = tune.with_resources(tune.with_parameters(run_trial, study=study), {"CPU": TRIAL_CPU})
     run_config = tune.RunConfig(
         name=name,
-        storage_path=storage,
+        storage_path=storage_root,
         failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES),
         callbacks=[ChildRunCallback(tracking_uri, parent_run_id, cfg.train.epochs)],
     )

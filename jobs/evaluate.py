@@ -15,8 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-from inpaint import tracking
+from inpaint import storage, tracking
 from inpaint.config import TrainConfig
+from inpaint.data import read_manifest
 from inpaint.errors import UserError, cli_errors
 from inpaint.evaluate import (
     BASELINES,
@@ -80,6 +81,9 @@ def main(argv: list[str] | None = None) -> None:
     holes = MaskConfig(kind=args.holes, min_size=args.min_size, max_size=args.max_size)
     tracking_uri = tracking.resolve_tracking_uri(args.tracking_uri)
     tracking.check_tracking(tracking_uri)
+    if storage.is_uri(args.data):  # an object store holds prepared datasets only: name what is wrong in one line
+        storage.check_bucket(args.data, f"reading {args.data}")
+        read_manifest(args.data)
     images, index, split = load_images(args.data, args.limit)
     try:
         holes.validate(*images.shape[1:3])
