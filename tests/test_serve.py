@@ -447,6 +447,9 @@ def test_the_page_fills_a_dragged_hole_in_chromium(server, registry, tmp_path):
                  let s = ''; for (const x of new Uint8Array(b)) s += String.fromCharCode(x); return btoa(s); })"""
         )
         times = browser.js("[...document.querySelectorAll('figcaption span')].map(s => s.textContent).join(' | ')")
+        if os.environ.get("INPAINT_UPDATE_DOCS") == "1":  # the README's picture of the page
+            shot = browser.send("Page.captureScreenshot", format="png")["data"]
+            (REPO / "docs" / "serve-page.png").write_bytes(base64.b64decode(shot))
     finally:
         browser.close()
     with Image.open(io.BytesIO(base64.b64decode(shown))) as png_image:
