@@ -60,7 +60,8 @@ def test_a_run_failing_past_max_failures_ends_failed_naming_the_cause(interrupti
     (run,) = client.search_runs([client.get_experiment_by_name("inpaint").experiment_id])
     assert run.info.status == "FAILED"  # not KILLED: nobody stopped it
     assert run.data.tags["failure"].startswith("worker 1: ") and run.data.tags["failure"] in errors[0]
-    assert metric_steps(client, run.info.run_id, "val_loss") == [1]  # what it trained is kept
+    # what it trained is kept, each epoch once: epoch 1, and epoch 2 too when it ended before the kill landed
+    assert metric_steps(client, run.info.run_id, "val_loss") in ([1], [1, 2])
 
 
 def test_killed_worker_node_resumes_from_the_last_checkpoint(three_node_deployment, interruptible_data, tmp_path):
