@@ -51,3 +51,8 @@ http_ok() { # url [curl options...]: does it answer 2xx within 5 s?
     shift
     curl -fsS -o /dev/null --max-time 5 "$@" "$url" 2>/dev/null
 }
+
+value() { # the value after an option, or a usage error
+    [[ $# -ge 2 && -n "$2" ]] || { echo "error: $1 needs a value" >&2; exit 2; }
+    echo "$2"
+}

@@ -32,6 +32,8 @@ set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(dirname "$HERE")"
+# shellcheck source=deploy/lib.sh
+source "$HERE/lib.sh"
 
 usage() {
     sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//' >&2
@@ -51,10 +53,6 @@ keep_logs=0
 env_file=""
 with_s3=0
 s3_port=9200
-value() { # the value after an option, or a usage error
-    [[ $# -ge 2 && -n "$2" ]] || { echo "error: $1 needs a value" >&2; exit 2; }
-    echo "$2"
-}
 while [[ $# -gt 0 ]]; do
     case "$1" in
     --nodes) nodes="$(value "$@")"; shift 2 ;;
@@ -76,8 +74,6 @@ state="$run_dir/cluster.state"
 # ---------------------------------------------------------------------------------------------
 # Helpers
 
-# shellcheck source=deploy/lib.sh
-source "$HERE/lib.sh"
 
 api_nodes() { # count the ALIVE nodes through the dashboard's state API
     curl -fsS --max-time 5 -H "Authorization: Bearer $(cat "$run_dir/auth_token")" \

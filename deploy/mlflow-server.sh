@@ -34,10 +34,6 @@ backend=""
 artifacts=""
 run_dir="${INPAINT_MLFLOW_DIR:-$REPO/runs/mlflow}"
 extra=()
-value() { # the value after an option, or a usage error
-    [[ $# -ge 2 && -n "$2" ]] || { echo "error: $1 needs a value" >&2; exit 2; }
-    echo "$2"
-}
 while [[ $# -gt 0 ]]; do
     case "$1" in
     --host) host="$(value "$@")"; shift 2 ;;

@@ -29,10 +29,6 @@ host=127.0.0.1
 port=9200
 buckets=()
 run_dir="${INPAINT_S3_DIR:-$REPO/runs/s3}"
-value() { # the value after an option, or a usage error
-    [[ $# -ge 2 && -n "$2" ]] || { echo "error: $1 needs a value" >&2; exit 2; }
-    echo "$2"
-}
 while [[ $# -gt 0 ]]; do
     case "$1" in
     --host) host="$(value "$@")"; shift 2 ;;
