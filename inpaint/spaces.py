@@ -7,7 +7,7 @@
 
 A key given one of Tune's sampling primitives (`{choice: [...]}`, `{randint: [lo, hi]}`, ...) is
 searched; a key given a plain value is the same for every trial. `samples`, `search` (random, or
-Optuna's TPE) and `early_stopping` set the study itself.
+Optuna's TPE), `early_stopping`, `time_budget_minutes` and `baseline` set the study itself.
 """
 
 from __future__ import annotations
@@ -81,6 +81,12 @@ class Search:
             case _:
                 return FloatDistribution(*self.args, log=self.primitive == "loguniform")
 
+    def holds(self, value: Any) -> bool:
+        """Whether a study of this search can draw `value`."""
+        if self.primitive in RANGES:
+            return self.args[0] <= value <= self.args[1]
+        return value in self.args
+
     def __str__(self) -> str:
         return f"{{{self.primitive}: {json.dumps(self.args)}}}"
 
@@ -95,6 +101,8 @@ class Space:
     samples: int | None = None
     search: str = "random"  # one of SEARCHERS
     early_stopping: bool = True  # ASHA; off, every trial trains every epoch (an ablation's equal budget)
+    time_budget_minutes: float | None = None  # then Tune stops the trials under way and starts no more
+    baseline: bool = False  # the first trial is the config the study starts from, to judge the others against
 
     @property
     def name(self) -> str:
@@ -102,6 +110,10 @@ class Space:
 
     def param_space(self) -> dict[str, Any]:
         return {key: search.domain() for key, search in self.searched.items()}
+
+    def baseline_point(self, cfg: Config) -> dict[str, Any]:
+        """The searched keys' values in `cfg`: the baseline trial's."""
+        return {key: get(cfg, key) for key in self.searched}
 
     def bounds(self, key: str, cfg: Config) -> tuple[Any, Any]:
         """The smallest and the largest value `key` takes in a study on top of `cfg`."""
@@ -135,6 +147,12 @@ def load_space(path: str | os.PathLike) -> Space:
     early_stopping = entries.pop("early_stopping", True)
     if not isinstance(early_stopping, bool):
         raise UserError(f"{path}: early_stopping must be true or false, got {early_stopping!r}")
+    baseline = entries.pop("baseline", False)
+    if not isinstance(baseline, bool):
+        raise UserError(f"{path}: baseline must be true or false, got {baseline!r}")
+    budget = entries.pop("time_budget_minutes", None)
+    if isinstance(budget, bool) or not isinstance(budget, int | float | None) or (budget is not None and budget <= 0):
+        raise UserError(f"{path}: time_budget_minutes must be a positive number of minutes, got {budget!r}")
     search = entries.pop("search", "random")
     if search not in SEARCHERS:
         raise UserError(f"{path}: search must be one of {', '.join(SEARCHERS)}, got {search!r}")
@@ -159,7 +177,7 @@ def load_space(path: str | os.PathLike) -> Space:
             f"{path}: {gridded[0]} is a grid, which Optuna cannot search (it samples): "
             "make it a choice, or use search: random"
         )
-    return Space(path, searched, fixed, samples, search, early_stopping)
+    return Space(path, searched, fixed, samples, search, early_stopping, budget, baseline)
 
 
 def parse_search(where: str, value: dict) -> Search:
@@ -200,6 +218,13 @@ def check_space(space: Space, cfg: Config) -> None:
                 with_values(cfg, {**ANY_HOLES, key: value})
             except UserError as err:
                 raise UserError(f"{space.path}: {key} = {value!r} cannot train: {err}") from None
+    if space.baseline:
+        for key, value in space.baseline_point(cfg).items():
+            if not space.searched[key].holds(value):
+                raise UserError(
+                    f"{space.path}: baseline: true starts from {key} = {value!r}, which {space.searched[key]} "
+                    "cannot draw: widen the search, set the key's starting value, or drop baseline"
+                )
     _, highest_min = space.bounds("masks.min_size", cfg)
     lowest_max, _ = space.bounds("masks.max_size", cfg)
     if highest_min > lowest_max:

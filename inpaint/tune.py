@@ -33,11 +33,12 @@ from ray import tune
 from ray.tune.experiment import Trial
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
 from inpaint import storage, tracking
 from inpaint.config import Config, load_config, with_values
-from inpaint.errors import UserError
+from inpaint.errors import RunFailed, UserError
 from inpaint.spaces import Space, check_space
 from inpaint.train import (
     EPOCH_METRICS,
@@ -229,11 +230,15 @@ def run_study(space: Space, cfg: Config, *, samples: int, resume: bool = False) 
         end_open_child_runs(study, "KILLED")  # their trials go on when the study resumes
         tracking.end_run(parent_run_id, "KILLED", tracking_uri=tracking_uri)
         raise KeyboardInterrupt
-    if resume:
-        reconcile_child_runs(study)
+    reconcile_child_runs(study)  # those of trials a time budget or a killed driver stopped
     if all(result.metrics_dataframe is None or result.metrics_dataframe.empty for result in results):
         tracking.end_run(parent_run_id, "FAILED", tracking_uri=tracking_uri)
-        raise results.errors[0]
+        if results.errors:
+            raise results.errors[0]
+        raise RunFailed(
+            f"study {name}: the time budget of {space.time_budget_minutes:g} minutes ran out before any trial "
+            "finished an epoch; give it more (time_budget_minutes in the space file, or --time-budget)"
+        )
     return finish_study(study, results, space)
 
 
@@ -241,14 +246,20 @@ def new_tuner(
     trainable: Any, space: Space, cfg: Config, *, samples: int, at_once: int, run_config: tune.RunConfig
 ) -> tune.Tuner:
     """A study of `samples` samples of `space`, `at_once` trials side by side, ASHA on `train.best_metric`;
-    with `search: optuna`, Optuna's TPE proposes each trial from the reports of those before it."""
+    with `search: optuna`, Optuna's TPE proposes each trial from the reports of those before it. A time
+    budget stops the trials under way when it runs out (a resumed study gets what was left of it)."""
+    first = [space.baseline_point(cfg)] if space.baseline else None
+    if space.search == "optuna":  # Tune limits a Searcher to max_concurrent_trials
+        search_alg, limit = OptunaSearch(points_to_evaluate=first, seed=cfg.train.seed), at_once
+    else:  # but not a variant generator: it limits itself
+        search_alg, limit = BasicVariantGenerator(points_to_evaluate=first, max_concurrent=at_once), None
     return tune.Tuner(
         trainable,
         param_space=space.param_space(),
         tune_config=tune.TuneConfig(
             metric=cfg.train.best_metric,
             mode=metric_mode(cfg.train.best_metric),
-            search_alg=OptunaSearch(seed=cfg.train.seed) if space.search == "optuna" else None,
+            search_alg=search_alg,
             scheduler=ASHAScheduler(
                 time_attr="epoch",
                 max_t=cfg.train.epochs,
@@ -258,7 +269,8 @@ def new_tuner(
             if space.early_stopping
             else None,  # FIFO: every trial runs to the end
             num_samples=samples,
-            max_concurrent_trials=at_once,
+            max_concurrent_trials=limit,
+            time_budget_s=space.time_budget_minutes * 60 if space.time_budget_minutes else None,
         ),
         run_config=run_config,
     )
@@ -294,6 +306,8 @@ def open_parent_run(space: Space, cfg: Config, samples: int, name: str, tracking
     searched = [Param(f"search.{key}", str(search)) for key, search in space.searched.items()]
     study = [Param("samples", str(samples)), Param("search", space.search)]
     study += [Param("early_stopping", str(space.early_stopping).lower())]
+    study += [Param("time_budget_minutes", str(space.time_budget_minutes))] if space.time_budget_minutes else []
+    study += [Param("baseline", str(space.baseline).lower())]
     client.log_batch(run_id, params=[*searched, *study])
     client.log_artifact(run_id, str(space.path))
     return run_id
@@ -306,9 +320,9 @@ def end_open_child_runs(study: Study, status: str) -> None:
 
 
 def reconcile_child_runs(study: Study) -> None:
-    """A resumed study's child runs that no `ChildRunCallback` ended (their trials ended under the driver that
-    was killed, or were KILLED by an interrupt and never went on): FINISHED, `stopped_early` from the
-    epochs their run logged."""
+    """The child runs no `ChildRunCallback` ended: FINISHED, `stopped_early` from the epochs their run logged.
+    Those of trials the time budget stopped (Tune calls no callback then), and, in a resumed study, those
+    whose trials ended under the driver that was killed or were KILLED by an interrupt and never went on."""
     client = MlflowClient(study.tracking_uri)
     for status in ("RUNNING", "KILLED"):
         for run_id in study.child_runs(status).values():
@@ -337,7 +351,8 @@ def finish_study(study: Study, results: tune.ResultGrid, space: Space) -> StudyR
     model_uri = f"models:/{model}@{BEST_ALIAS}"
 
     reports = trial_reports(results)
-    table = results_table(reports, list(space.searched), metric, study.cfg.train.epochs)
+    baseline = space.baseline_point(study.cfg) if space.baseline else None
+    table = results_table(reports, list(space.searched), metric, study.cfg.train.epochs, baseline)
     importances = parameter_importances(space, reports, metric)
     val_metrics = {key: float(value) for key, value in state["metrics"].items() if key.startswith("val_")}
     client = MlflowClient(uri)
@@ -385,9 +400,11 @@ def trial_reports(results: tune.ResultGrid) -> list[TrialReports]:
     ]
 
 
-def results_table(reports: list[TrialReports], keys: list[str], metric: str, epochs: int) -> str:
-    """A markdown table, a row per trial, best first: its searched values, epochs run, its minutes of
-    training (Tune's clock, start-up included) and its best epoch's metrics."""
+def results_table(
+    reports: list[TrialReports], keys: list[str], metric: str, epochs: int, baseline: dict[str, Any] | None = None
+) -> str:
+    """A markdown table, a row per trial, best first: its searched values (the `baseline` trial's marked),
+    epochs run, its minutes of training (Tune's clock, start-up included) and its best epoch's metrics."""
     sign = 1 if metric_mode(metric) == "max" else -1
     header = ["trial", *keys, "epochs", "minutes", *TABLE_METRICS]
     rows = []
@@ -397,7 +414,8 @@ def results_table(reports: list[TrialReports], keys: list[str], metric: str, epo
         values = (f"{value:.3g}" if isinstance(value, float) else str(value) for value in map(trial.values.get, keys))
         minutes = f"{trial.epochs['time_total_s'].max() / 60:.1f}"
         scores = (f"{best[m]:.4f}" for m in TABLE_METRICS)
-        rows.append([trial.trial_id, *values, f"{ran}/{epochs}{status}", minutes, *scores])
+        name = trial.trial_id + (" (baseline)" if trial.values == baseline else "")
+        rows.append([name, *values, f"{ran}/{epochs}{status}", minutes, *scores])
     return markdown(header, rows)
 
 

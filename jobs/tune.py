@@ -4,17 +4,19 @@ one MLflow parent run with a child run per trial, the best model registered as m
 python jobs/tune.py --space tune_spaces/quick.yaml --data ../shared/data/cifar10
 python jobs/tune.py --space tune_spaces/full.yaml --data DIR --samples 32 --metric val_dice --json best.json
 python jobs/tune.py --space tune_spaces/quick.yaml --data DIR --resume     # go on with a stopped study
+python jobs/tune.py --space tune_spaces/recipe.yaml --data DIR --time-budget 90   # whatever 90 minutes hold
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
 from inpaint import tracking
 from inpaint.config import VAL_METRICS, add_config_flags, flag_values, load_config
-from inpaint.errors import cli_errors
+from inpaint.errors import UserError, cli_errors
 from inpaint.runtime import configure_process
 from inpaint.spaces import load_space
 from inpaint.tune import importances_table, run_study
@@ -31,6 +33,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="trials to sample (default: the space's `samples`, else 8; --resume keeps the study's)",
     )
     parser.add_argument(
+        "--time-budget",
+        type=float,
+        metavar="MINUTES",
+        help="stop the study after this long, trials under way included (default: the space's "
+        "`time_budget_minutes`, else none; --resume keeps what was left of the study's)",
+    )
+    parser.add_argument(
         "--metric", choices=VAL_METRICS, help="what ASHA and the best trial go by (default: val_psnr_hole)"
     )
     add_config_flags(parser)
@@ -44,6 +53,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     configure_process()
     space = load_space(args.space)  # a bad space stops here, before anything starts
+    if args.time_budget is not None:
+        if args.time_budget <= 0:
+            raise UserError(f"--time-budget must be a positive number of minutes, got {args.time_budget}")
+        space = dataclasses.replace(space, time_budget_minutes=args.time_budget)
     # the file, then what the space fixes, then --set and the flags
     fixed = load_config(args.config, values=space.fixed).to_dict()
     cfg = load_config(None, args.set, base=fixed, values=flag_values(args, metric="train.best_metric"))

@@ -48,10 +48,14 @@ def test_space_file_reads_searched_and_fixed_keys(tmp_path):
             tmp_path,
             "samples: 5\nmodel.mixer_depth: {randint: [1, 8]}\nmodel.fusion: {choice: [concat, add]}\n"
             "train.lr: {loguniform: [1e-4, 1e-2]}\nmasks.min_size: {grid: [4, 6]}\n"
-            "train.epochs: 3\nmodel.widths: [8, 16, 32]\n",
+            "train.epochs: 3\nmodel.widths: [8, 16, 32]\ntime_budget_minutes: 90\nbaseline: true\n",
         )
     )
     assert space.samples == 5 and space.name == "space" and space.early_stopping and space.search == "random"
+    assert space.time_budget_minutes == 90 and space.baseline
+    assert space.baseline_point(load_config(None)) == {
+        "model.mixer_depth": 2, "model.fusion": "concat", "train.lr": 2e-3, "masks.min_size": 8
+    }  # fmt: skip
     assert space.fixed == {"train.epochs": 3, "model.widths": [8, 16, 32]}
     assert space.searched["train.lr"].args == [1e-4, 1e-2]  # YAML reads 1e-4 as a string
     domains = space.param_space()
@@ -84,6 +88,9 @@ def test_space_file_reads_searched_and_fixed_keys(tmp_path):
         ("train.epochs: 2", "searches nothing"),
         ("search: tpe\nmodel.fusion: {choice: [add]}", "search must be one of random, optuna, got 'tpe'"),
         ("search: optuna\ntrain.lr: {grid: [0.1, 0.01]}", "train.lr is a grid, which Optuna cannot search"),
+        ("time_budget_minutes: 0\nmodel.fusion: {choice: [add]}", "time_budget_minutes must be a positive number"),
+        ("baseline: yes please\nmodel.fusion: {choice: [add]}", "baseline must be true or false"),
+        ("time_budget_minutes: 1h\nmodel.fusion: {choice: [add]}", "minutes, got '1h'"),
     ],
 )
 def test_bad_space_file_is_refused_naming_the_key(tmp_path, text, message):
@@ -99,6 +106,8 @@ def test_bad_space_file_is_refused_naming_the_key(tmp_path, text, message):
         ("model.fusion: {choice: [add, sum]}", "model.fusion = 'sum' cannot train"),
         ("masks.min_size: {randint: [4, 12]}\nmasks.max_size: {randint: [8, 16]}", "masks.min_size reaches 12"),
         ("masks.max_size: {randint: [4, 12]}", "masks.max_size goes down to 4"),  # min_size stays 8
+        ("baseline: true\ntrain.lr: {loguniform: [1.0e-4, 1.0e-3]}", "starts from train.lr = 0.002, which"),
+        ("baseline: true\nmodel.fusion: {choice: [add]}", "starts from model.fusion = 'concat', which"),
     ],
 )
 def test_space_values_that_cannot_train_are_refused_naming_the_key(tmp_path, text, message):
@@ -277,3 +286,35 @@ def test_killed_study_resumes_without_running_finished_trials_again(tiny_data, t
     assert parent.info.status == "FINISHED" and parent.data.params["search"] == "optuna"
     assert (parent.data.tags["data.train_rows"], parent.data.tags["data.val_rows"]) == ("54", "6")  # --limit 60
     assert client.get_model_version_by_alias("inpaint-fused-unet", "best").run_id == result["best_run_id"]
+
+
+@pytest.mark.ray
+def test_time_budget_stops_the_study_and_ends_every_run_it_started(tiny_data, tmp_path):
+    """Trials of 200 epochs (a second or two each) under a 1-minute budget: Tune stops the two under way and
+    starts no more; their child runs are ended, the best epoch so far is registered, the job exits 0. The
+    first trial is the baseline: the config the study starts from (the default learning rate)."""
+    space = "early_stopping: false\nbaseline: true\ntrain.epochs: 200\ntrain.lr: {loguniform: [1.0e-4, 3.0e-3]}\n"
+    write(tmp_path, f"{space}{FIXED}\n")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = study_args(tiny_data, "--samples", "8", "--time-budget", "1", "--json", "best.json")
+    out = finish(run_job(args, tmp_path, uri, job="tune.py"), timeout=600)
+    client, result = MlflowClient(uri), json.loads((tmp_path / "best.json").read_text())
+    parent = client.get_run(result["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.params["time_budget_minutes"] == "1.0"
+    children = children_of(client, parent.info.run_id)
+    assert 1 <= len(children) < 8, out[-3000:]  # the budget ran out before the 8 trials could
+    assert 2e-3 in [float(child.data.params["train.lr"]) for child in children]
+    assert parent.data.params["baseline"] == "true" and re.search(r"^\| \w+ \(baseline\) +\| 0\.002 ", out, re.M)
+    for child in children:
+        assert child.info.status == "FINISHED" and child.data.tags["stopped_early"] == "true", child.info
+        assert 1 <= len(metric_steps(client, child.info.run_id, "val_loss")) < 200
+    assert client.get_model_version_by_alias("inpaint-fused-unet", "best").run_id == result["best_run_id"]
+
+
+def test_time_budget_flag_is_checked_before_ray_starts(tmp_path):
+    write(tmp_path, "model.fusion: {choice: [add]}\n")
+    proc = run_job(["--space", "space.yaml", "--data", str(tmp_path), "--time-budget", "0"], tmp_path, "", "tune.py")
+    out, _ = proc.communicate(timeout=120)
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and errors == ["error: --time-budget must be a positive number of minutes, got 0.0"]
+    assert "Traceback" not in out and "Started a local Ray" not in out
