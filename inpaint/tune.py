@@ -235,9 +235,10 @@ def run_study(space: Space, cfg: Config, *, samples: int, resume: bool = False) 
         tracking.end_run(parent_run_id, "FAILED", tracking_uri=tracking_uri)
         if results.errors:
             raise results.errors[0]
+        budget = space.time_budget_minutes
         raise RunFailed(
-            f"study {name}: the time budget of {space.time_budget_minutes:g} minutes ran out before any trial "
-            "finished an epoch; give it more (time_budget_minutes in the space file, or --time-budget)"
+            f"study {name}: no trial finished an epoch before the study ended"
+            + (f" (its time budget of {budget:g} minutes ran out; give it more)" if budget else "")
         )
     return finish_study(study, results, space)
 

@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.time_budget is not None:
         if args.time_budget <= 0:
             raise UserError(f"--time-budget must be a positive number of minutes, got {args.time_budget}")
+        if args.resume:
+            raise UserError("--time-budget starts a study: a resumed one keeps what was left of its own budget")
         space = dataclasses.replace(space, time_budget_minutes=args.time_budget)
     # the file, then what the space fixes, then --set and the flags
     fixed = load_config(args.config, values=space.fixed).to_dict()

@@ -311,10 +311,17 @@ def test_time_budget_stops_the_study_and_ends_every_run_it_started(tiny_data, tm
     assert client.get_model_version_by_alias("inpaint-fused-unet", "best").run_id == result["best_run_id"]
 
 
-def test_time_budget_flag_is_checked_before_ray_starts(tmp_path):
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--time-budget", "0"], "--time-budget must be a positive number of minutes, got 0.0"),
+        (["--time-budget", "5", "--resume"], "--time-budget starts a study: a resumed one keeps what was left"),
+    ],
+)
+def test_time_budget_flag_is_checked_before_ray_starts(tmp_path, flags, message):
     write(tmp_path, "model.fusion: {choice: [add]}\n")
-    proc = run_job(["--space", "space.yaml", "--data", str(tmp_path), "--time-budget", "0"], tmp_path, "", "tune.py")
+    proc = run_job(["--space", "space.yaml", "--data", str(tmp_path), *flags], tmp_path, "", "tune.py")
     out, _ = proc.communicate(timeout=120)
     errors = [line for line in out.splitlines() if line.startswith("error:")]
-    assert proc.returncode == 2 and errors == ["error: --time-budget must be a positive number of minutes, got 0.0"]
+    assert proc.returncode == 2 and len(errors) == 1 and errors[0].startswith(f"error: {message}"), out[-2000:]
     assert "Traceback" not in out and "Started a local Ray" not in out
