@@ -12,7 +12,7 @@ Steady state is the mean over epochs 2 and later. Share: of the matmul peak meas
 
 python benchmarks/ray_overhead.py --json ray_overhead.json
 python benchmarks/ray_overhead.py --set train.precision=bf16 --set train.channels_last=true
-python benchmarks/ray_overhead.py --quick     # CI: tiny model and data
+python benchmarks/ray_overhead.py --quick     # CI: tiny model and data, 2 workers only
 """
 
 from __future__ import annotations
@@ -56,11 +56,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workers", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override for all")
     parser.add_argument("--workdir", type=Path, help="keep datasets and runs here (default: a temporary folder)")
-    parser.add_argument("--quick", action="store_true", help="CI: tiny model and data")
+    parser.add_argument("--quick", action="store_true", help="CI: tiny model and data, 2 workers only")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the results here")
     args = parser.parse_args()
     if args.quick:
-        args.train_images, args.val_images, args.batch, args.epochs = 256, 64, 16, 2
+        args.train_images, args.val_images, args.batch, args.epochs, args.workers = 256, 64, 16, 2, [2]
         args.set = [*TINY_MODEL, *args.set]
     return args
 

@@ -10,7 +10,7 @@ largest run: N × (images/s per worker), i.e. each worker on cores of its own an
 
 python benchmarks/scaling.py --json scaling.json
 python benchmarks/scaling.py --sizes 1000 5000 --workers 2 --batch 128 --set train.lr=2e-3
-python benchmarks/scaling.py --quick     # CI: tiny model and data
+python benchmarks/scaling.py --quick     # CI: tiny model and data, one size
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the results here")
     args = parser.parse_args()
     if args.quick:
-        args.sizes, args.val_images, args.batch, args.epochs, args.project = [64, 128], 32, 16, 2, [4]
+        args.sizes, args.val_images, args.batch, args.epochs, args.project = [64], 32, 16, 2, [4]
         args.set = [*TINY_MODEL, *args.set]
     return args
 

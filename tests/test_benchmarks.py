@@ -59,7 +59,7 @@ def test_ray_overhead(tmp_path):
     result = run_benchmark("ray_overhead", tmp_path)
     positive(result["matmul_gflops"], "fp32")
     plain, *jobs = result["rows"]
-    assert plain["workers"] == 0 and [job["workers"] for job in jobs] == [1, 2]
+    assert plain["workers"] == 0 and [job["workers"] for job in jobs] == [2]
     for row in result["rows"]:
         positive(row, "steady_images_per_s", "share_of_peak", "vs_plain")
         assert len(row["epoch_images_per_s"]) == result["epochs"]
@@ -79,7 +79,7 @@ def test_data_path(tmp_path):
 @pytest.mark.ray
 def test_scaling(tmp_path):
     result = run_benchmark("scaling", tmp_path)
-    assert {(row["size"], row["workers"]) for row in result["rows"]} == {(64, 1), (64, 2), (128, 1), (128, 2)}
+    assert {(row["size"], row["workers"]) for row in result["rows"]} == {(64, 1), (64, 2)}
     for row in result["rows"]:
         positive(row, "images_per_s", "train_s_per_epoch", "wall_s_per_epoch", "worker_peak_rss_mib")
     positive(result["projected"], "per_worker_images_per_s")

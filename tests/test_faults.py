@@ -37,18 +37,6 @@ def run_and_kill_rank_1(data, tmp_path, run_name: str, *settings: str) -> tuple[
     return proc, log
 
 
-def test_killed_worker_resumes_from_the_last_checkpoint(interruptible_data, tmp_path):
-    proc, log = run_and_kill_rank_1(interruptible_data, tmp_path, "worker-kill")
-    assert proc.returncode == 0, log[-4000:]
-    assert "epoch 3/3" in log and "resumed from the checkpoint of epoch 1" in log
-
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    (run,) = client.search_runs([client.get_experiment_by_name("inpaint").experiment_id])
-    assert run.info.status == "FINISHED"
-    for key in METRICS:
-        assert metric_steps(client, run.info.run_id, key) == [1, 2, 3], key
-
-
 def test_a_run_failing_past_max_failures_ends_failed_naming_the_cause(interruptible_data, tmp_path):
     proc, log = run_and_kill_rank_1(interruptible_data, tmp_path, "no-retries", "scaling.max_failures=0")
     assert proc.returncode == 1, log[-4000:]
