@@ -1,8 +1,9 @@
 """inpaint: image inpainting with a U-Net fused with a ConvMixer encoder, trained with Ray on CPU clusters."""
 
-from inpaint.vision import import_torchvision
+from inpaint.runtime import import_torchvision
 
-# First, so that every later `import torchvision` (ours, torchmetrics', mlflow's) finds it importable.
+# The one thing importing the library does (inpaint.runtime): later imports of torchvision (ours,
+# torchmetrics', mlflow's) find it importable beside the CPU build of torch.
 import_torchvision()
 
 __version__ = "0.1.0"

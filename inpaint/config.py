@@ -22,10 +22,8 @@ import yaml
 
 from inpaint.errors import UserError
 from inpaint.masks import MaskConfig
-from inpaint.metrics import LOSSES, METRIC_NAMES
+from inpaint.metrics import LOSSES, VAL_METRICS
 from inpaint.models import ModelConfig
-
-VAL_METRICS = ("val_loss", *(f"val_{name}" for name in METRIC_NAMES))
 
 
 @dataclass
@@ -38,12 +36,13 @@ class DataConfig:
     val: int = 5000  # validation images split off the training set when a source is prepared
     val_limit: int | None = None  # validate on the first N validation images only
     seed: int = 0  # the train/val split's seed
+    image_size: list[int] | None = None  # the training pictures' H, W: filled in by the job from the data
 
 
 @dataclass
 class TrainConfig:
     # The default recipe (docs/results.md): each choice below measured against the paper's in experiments/levers.sh
-    epochs: int = 26  # what fits in an hour of the full training split on 2 cores in bf16 (docs/results.md)
+    epochs: int = 26  # the cosine schedule sized to the hour's budget on the full split (docs/results.md)
     batch_size: int = 32  # per worker
     lr: float = 2e-3
     optimizer: str = "adamw"  # "adam" or "adamw"
@@ -57,7 +56,7 @@ class TrainConfig:
     samples: int = 8  # validation images shown in the per-epoch picture
     best_metric: str = "val_psnr_hole"  # picks the epoch whose model is registered
     # "bf16": forward and loss under CPU bf16 autocast (weights, Adam, validation stay fp32); "auto": bf16 where
-    # the CPU has native bf16, else fp32 (docs/performance.md: 1.59× the images/s at the same quality)
+    # the CPU has native bf16, else fp32 (emulated bf16 is no faster; docs/performance.md has the speed-up)
     precision: str = "auto"
     channels_last: bool = True  # NHWC weights and activations, the layout oneDNN's CPU kernels prefer
     # > 0: keep an exponential moving average of the weights (this decay per step); it is what is validated,

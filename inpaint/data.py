@@ -39,7 +39,7 @@ from PIL import Image
 
 from inpaint import storage
 from inpaint.errors import UserError
-from inpaint.vision import import_torchvision
+from inpaint.runtime import import_torchvision
 
 Progress = Callable[[str], None]
 Splits = dict[str, tuple[np.ndarray, np.ndarray]]  # split name -> (images uint8 (N,H,W,3), labels int64 (N,))

@@ -26,18 +26,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from inpaint import tracking
+from inpaint import pictures, tracking
 from inpaint.checkpoints import CHECKPOINT_FILE, load_checkpoint_state, model_from_state
 from inpaint.data import Progress, is_prepared, load_source, read_manifest, read_split, to_float_images, to_uint8_images
 from inpaint.errors import UserError
 from inpaint.masks import MaskConfig, apply_holes, fixed_masks
-from inpaint.metrics import METRIC_NAMES, MetricTotals, composite
+from inpaint.metrics import METRIC_NAMES, MetricTotals, composite, format_metric
 from inpaint.models import UNet, model_input
 
 Fill = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (masked (N,3,H,W), mask (N,1,H,W)) -> RGB
 
 INPAINT_RADIUS = 3  # pixels around the hole OpenCV's methods look at
-TABLE_COLUMNS = ("dice", "psnr_hole", "l1_hole", "ssim", "psnr")
 GRID_SAMPLES = 8
 
 
@@ -178,7 +177,7 @@ def evaluate(
             totals[name].update(target, fill(masked, mask), mask)
         if progress:
             progress(f"{start + len(target)}/{len(images)} images scored")
-    return [{"method": name, **MetricTotals.compute(t.state())} for name, t in totals.items()]
+    return [{"method": name, **t.compute()} for name, t in totals.items()]
 
 
 def comparison_grid(
@@ -189,14 +188,13 @@ def comparison_grid(
     mask = fixed_masks(index, *images.shape[1:3], holes, seed)
     masked = apply_holes(target, mask)
     filled = [composite(fill(masked, mask), target, mask) for fill in methods.values()]
-    return tracking.picture_grid([masked, *filled, target], ["masked", *methods, "ground truth"], mask=mask)
+    return pictures.picture_grid([masked, *filled, target], ["masked", *methods, "ground truth"], mask=mask)
 
 
 def markdown_table(rows: list[dict[str, float | str]]) -> str:
-    lines = ["| method | " + " | ".join(TABLE_COLUMNS) + " |", "|---" * (len(TABLE_COLUMNS) + 1) + "|"]
+    lines = ["| method | " + " | ".join(METRIC_NAMES) + " |", "|---" * (len(METRIC_NAMES) + 1) + "|"]
     for row in rows:
-        # PSNRs in dB to 2 decimals, the [0, 1] scores to 4
-        cells = [f"{row[c]:.2f}" if c.startswith("psnr") else f"{row[c]:.4f}" for c in TABLE_COLUMNS]
+        cells = [format_metric(name, row[name]) for name in METRIC_NAMES]
         lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -14,10 +14,13 @@ target, as a user would see the result.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
+import torch.distributed as dist
 from torchmetrics.functional.image import structural_similarity_index_measure
 
-METRIC_NAMES = ("dice", "psnr_hole", "psnr", "l1_hole", "ssim")
 LOSSES = ("mse", "l1", "hole_mse", "hole_l1")
 MAX_PSNR = 100.0  # what a perfect reconstruction scores instead of infinity
 
@@ -61,47 +64,84 @@ def ssim(target: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
     )
 
 
-class MetricTotals:
-    """Sums over batches, so a whole split's metrics do not depend on how it was batched.
+@dataclass(frozen=True)
+class Metric:
+    """A score of filled images: which way is better, how it is printed, and its per-image function
+    (target, filled, mask) -> (N,), averaged over images; Dice alone is a ratio of sums over all pixels."""
 
-    Per-image metrics are averaged over images; Dice keeps the paper's definition over all pixels.
-    """
+    name: str
+    higher_is_better: bool
+    format: str  # PSNRs in dB to 2 decimals, the [0, 1] scores to 4
+    per_image: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+
+
+# Every score a split gets, in the order tables show them: adding a metric is adding a row here.
+METRICS = {
+    metric.name: metric
+    for metric in (
+        Metric("dice", True, ".4f"),
+        Metric("psnr_hole", True, ".2f", psnr_hole),
+        Metric("l1_hole", False, ".4f", l1_hole),
+        Metric("ssim", True, ".4f", lambda target, filled, mask: ssim(target, filled)),
+        Metric("psnr", True, ".2f", lambda target, filled, mask: psnr(target, filled)),
+    )
+}
+METRIC_NAMES = tuple(METRICS)
+VAL_METRICS = ("val_loss", *(f"val_{name}" for name in METRICS))  # what validation reports
+
+
+def metric_mode(name: str) -> str:
+    """ "min" or "max": which way a reported metric (e.g. `val_l1_hole`, `train_loss`) improves."""
+    base = name.removeprefix("raw_").removeprefix("val_").removeprefix("train_")
+    metric = METRICS.get(base)
+    return "min" if base == "loss" or (metric and not metric.higher_is_better) else "max"
+
+
+def format_metric(name: str, value: float) -> str:
+    """A reported metric (e.g. `val_psnr_hole`) as tables and logs print it."""
+    metric = METRICS.get(name.removeprefix("raw_").removeprefix("val_"))
+    return f"{value:{metric.format if metric else '.4f'}}"
+
+
+class MetricTotals:
+    """Named sums over batches, so that a whole split's metrics do not depend on how it was batched, nor on
+    how it was shared among workers (`all_reduce_sums` adds the workers' sums)."""
 
     def __init__(self) -> None:
-        self.sums = torch.zeros(6, dtype=torch.float64)  # psnr_hole, psnr, l1_hole, ssim, Σ(y·p), Σ(y+p)
-        self.images = 0
+        self.sums = {"images": 0.0, "dice_overlap": 0.0, "dice_total": 0.0}
+        self.sums |= {name: 0.0 for name, metric in METRICS.items() if metric.per_image}
 
     @torch.no_grad()
     def update(self, target: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> None:
         """Add a batch; `pred` is the raw network output, composited here."""
         filled = composite(pred, target, mask)
-        self.sums += torch.stack(
-            [
-                psnr_hole(target, filled, mask).sum(),
-                psnr(target, filled).sum(),
-                l1_hole(target, filled, mask).sum(),
-                ssim(target, filled).sum(),
-                (target * filled).sum(),
-                (target + filled).sum(),
-            ]
-        ).double()
-        self.images += target.shape[0]
+        self.sums["images"] += target.shape[0]
+        self.sums["dice_overlap"] += (target * filled).sum().item()
+        self.sums["dice_total"] += (target + filled).sum().item()
+        for name, metric in METRICS.items():
+            if metric.per_image:
+                self.sums[name] += metric.per_image(target, filled, mask).sum().item()
 
-    def state(self) -> torch.Tensor:
-        """The totals as one tensor (sums then image count), for all-reducing across workers."""
-        return torch.cat([self.sums, torch.tensor([self.images], dtype=torch.float64)])
+    def compute(self) -> dict[str, float]:
+        """The metrics, by name, from the sums (possibly all-reduced)."""
+        sums = self.sums
+        scores = {"dice": 2 * sums["dice_overlap"] / sums["dice_total"]}
+        scores |= {name: sums[name] / sums["images"] for name, metric in METRICS.items() if metric.per_image}
+        return {name: scores[name] for name in METRICS}
 
-    @staticmethod
-    def compute(state: torch.Tensor) -> dict[str, float]:
-        """Metrics from (possibly all-reduced) totals."""
-        psnr_hole_sum, psnr_sum, l1_sum, ssim_sum, overlap, total, images = state.tolist()
-        return {
-            "dice": 2 * overlap / total,
-            "psnr_hole": psnr_hole_sum / images,
-            "psnr": psnr_sum / images,
-            "l1_hole": l1_sum / images,
-            "ssim": ssim_sum / images,
-        }
+
+def all_reduce_sums(groups: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Named sums added up over the DDP workers in one all-reduce (in float64); unchanged outside DDP.
+
+    Every worker passes the same groups and names; they are sent in sorted order, so dict order is free."""
+    keys = [(group, name) for group in sorted(groups) for name in sorted(groups[group])]
+    values = torch.tensor([groups[group][name] for group, name in keys], dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(values)
+    reduced: dict[str, dict[str, float]] = {group: {} for group in groups}
+    for (group, name), value in zip(keys, values.tolist(), strict=True):
+        reduced[group][name] = value
+    return reduced
 
 
 def reconstruction_loss(

@@ -26,19 +26,14 @@ import mlflow
 import mlflow.pytorch
 import numpy as np
 import torch
-import torch.nn.functional as F
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
-from PIL import Image, ImageDraw, ImageFont
 
-from inpaint.data import to_uint8_images
 from inpaint.errors import UserError
-from inpaint.vision import import_torchvision
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +43,6 @@ MODEL_NAME = "model"
 MAX_PARAM_CHARS = 6000  # MLflow rejects longer param values
 CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
 SECRET_NAME = re.compile(r"token|password|secret|access_key", re.IGNORECASE)
-LABEL_HEIGHT = 20  # pixels of the column labels above a picture grid
 
 # Metrics that could not reach the tracking store yet, per run: the next call sends them first.
 _unsent: dict[str, list[Metric]] = {}
@@ -190,6 +184,33 @@ def find_run(tracking_uri: str, experiment: str, run_name: str) -> tuple[str, di
     return run_id, json.loads(Path(config).read_text())
 
 
+def run_status(run_id: str, *, tracking_uri: str | None = None) -> str:
+    """RUNNING, FINISHED, FAILED or KILLED."""
+    return MlflowClient(tracking_uri).get_run(run_id).info.status
+
+
+def child_runs(
+    parent_run_id: str, tag: str, status: str | None = None, *, tracking_uri: str | None = None
+) -> dict[str, str]:
+    """The child runs of `parent_run_id` (those in `status` if given): their value of `tag` → run id."""
+    client = MlflowClient(tracking_uri)
+    query = f"tags.mlflow.parentRunId = '{parent_run_id}'"
+    if status:
+        query += f" and attributes.status = '{status}'"
+    runs = client.search_runs([client.get_run(parent_run_id).info.experiment_id], filter_string=query)
+    return {run.data.tags[tag]: run.info.run_id for run in runs}
+
+
+def log_params(run_id: str, params: Mapping[str, Any], *, tracking_uri: str | None = None) -> None:
+    """Log more params to a started run, in one batch."""
+    MlflowClient(tracking_uri).log_batch(run_id, params=[Param(key, str(value)) for key, value in params.items()])
+
+
+def log_file(run_id: str, path: str, *, tracking_uri: str | None = None) -> None:
+    """Log a local file (e.g. the search space) as an artifact of the run."""
+    MlflowClient(tracking_uri).log_artifact(run_id, path)
+
+
 def end_run(
     run_id: str, status: Literal["FINISHED", "FAILED", "KILLED"] = "FINISHED", *, tracking_uri: str | None = None
 ) -> None:
@@ -267,6 +288,11 @@ def log_metrics_once(run_id: str, metrics: Mapping[str, float], step: int, *, tr
         log_metrics(run_id, metrics, step, tracking_uri=tracking_uri)
 
 
+def logged_steps(run_id: str, key: str, *, tracking_uri: str | None = None) -> list[int]:
+    """The steps at which the run logged `key`, in order."""
+    return sorted(metric.step for metric in MlflowClient(tracking_uri).get_metric_history(run_id, key))
+
+
 def metric_history(run_id: str, keys: list[str], *, tracking_uri: str | None = None) -> dict[str, list[float]]:
     """Each metric's values in step order (keys the run never logged are left out)."""
     client = MlflowClient(tracking_uri)
@@ -332,58 +358,13 @@ def set_tag(run_id: str, key: str, value: str, *, tracking_uri: str | None = Non
 
 
 def log_text(run_id: str, text: str, artifact_file: str, *, tracking_uri: str | None = None) -> None:
-    """Log `text` as an artifact file (e.g. "table.md")."""
-    MlflowClient(tracking_uri).log_text(run_id, text, artifact_file)
-
-
-def sample_grid(
-    masked: torch.Tensor, output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
-) -> np.ndarray:
-    """One picture, a row per sample: masked input | output | ground truth (see `picture_grid`)."""
-    return picture_grid([masked, output, target], mask=mask)
-
-
-def picture_grid(
-    columns: list[torch.Tensor], labels: list[str] | None = None, mask: torch.Tensor | None = None
-) -> np.ndarray:
-    """One (H, W, 3) uint8 picture, a row per sample and a column per tensor, under `labels` if given.
-
-    Columns are (N, 3, H, W) in [0, 1]; `mask` (N, 1, H, W), 1 = hole, paints the hole of the first
-    column mid-grey so it shows. Small images are enlarged (nearest) to about 128 pixels so that
-    people can see them.
-    """
-    import_torchvision()
-    from torchvision.utils import make_grid
-
-    columns = [t.detach().float().cpu().clamp(0, 1) for t in columns]
-    if mask is not None:
-        columns[0] = columns[0].masked_fill(mask.detach().cpu().bool(), 0.5)
-    tiles = torch.stack(columns, dim=1).flatten(0, 1)  # sample by sample
-    scale = max(1, 128 // min(tiles.shape[-2:]))
-    tiles = F.interpolate(tiles, scale_factor=scale, mode="nearest")
-    grid = make_grid(tiles, nrow=len(columns), padding=2, pad_value=1.0)
-    picture = to_uint8_images(grid[None])[0]
-    if labels is None:
-        return picture
-    header = Image.new("RGB", (picture.shape[1], LABEL_HEIGHT), "white")
-    draw = ImageDraw.Draw(header)
-    font = ImageFont.load_default(size=LABEL_HEIGHT - 6)
-    pitch = tiles.shape[-1] + 2  # a tile and its padding
-    for i, label in enumerate(labels):
-        draw.text((2 + i * pitch + (pitch - 2 - draw.textlength(label, font=font)) / 2, 2), label, "black", font)
-    return np.concatenate([np.asarray(header), picture])
-
-
-def curves_figure(history: Mapping[str, list[float]], title: str) -> Figure:
-    """Each metric over epochs (1, 2, ...) in its own panel."""
-    figure = Figure(figsize=(3.2 * len(history), 3.2), dpi=100, layout="tight")  # no pyplot: no global state
-    for axes, (name, values) in zip(np.atleast_1d(figure.subplots(1, len(history))), history.items(), strict=True):
-        axes.plot(range(1, len(values) + 1), values, marker="o", markersize=3)
-        axes.set(title=name, xlabel="epoch")
-        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-        axes.grid(alpha=0.3)
-    figure.suptitle(title)
-    return figure
+    """Log `text` as an artifact file (e.g. "table.md"); skipped with a warning if the store is unreachable."""
+    try:
+        MlflowClient(tracking_uri).log_text(run_id, text, artifact_file)
+    except MlflowException as err:
+        if not _is_transient(err):
+            raise
+        logger.warning("MLflow unreachable, %s not logged: %s", artifact_file, err)
 
 
 # ---------------------------------------------------------------------------------------------

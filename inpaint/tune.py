@@ -27,8 +27,6 @@ import pandas as pd
 import ray
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
-from mlflow import MlflowClient
-from mlflow.entities import Param
 from ray import tune
 from ray.tune.experiment import Trial
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -36,29 +34,29 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
-from inpaint import storage, tracking
+from inpaint import runtime, storage, tracking
 from inpaint.config import Config, load_config, with_values
-from inpaint.errors import RunFailed, UserError
-from inpaint.spaces import Space, check_space
-from inpaint.train import (
-    EPOCH_METRICS,
+from inpaint.driver import (
     check_cluster_fits,
     check_data,
     connect_ray,
     log_checkpoint_model,
     make_trainer,
-    metric_mode,
     prepare_data,
     read_datasets,
     storage_path,
     tag_data_rows,
+    with_image_size,
 )
+from inpaint.errors import RunFailed, UserError
+from inpaint.metrics import VAL_METRICS, format_metric, metric_mode
+from inpaint.spaces import Space, check_space
+from inpaint.train import EPOCH_METRICS
 
 TRIAL_CPU = 0.01  # a trial's own actor only waits on its TorchTrainer, but Ray needs it to hold something
 TRIAL_RETRIES = 1  # a trial whose actor died starts again once; its TorchTrainer resumes from its checkpoint
 TRIAL_TAG = "tune_trial_id"
 BEST_ALIAS = "best"
-TABLE_METRICS = ("val_psnr_hole", "val_dice", "val_ssim", "val_loss")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,12 +85,7 @@ class Study:
 
 def child_runs(tracking_uri: str, parent_run_id: str, status: str | None = None) -> dict[str, str]:
     """Trial id → MLflow child run id, of the runs in `status` if given."""
-    client = MlflowClient(tracking_uri)
-    query = f"tags.mlflow.parentRunId = '{parent_run_id}'"
-    if status:
-        query += f" and attributes.status = '{status}'"
-    runs = client.search_runs([client.get_run(parent_run_id).info.experiment_id], filter_string=query)
-    return {run.data.tags[TRIAL_TAG]: run.info.run_id for run in runs}
+    return tracking.child_runs(parent_run_id, TRIAL_TAG, status, tracking_uri=tracking_uri)
 
 
 def run_trial(values: dict[str, Any], study: Study) -> None:
@@ -177,13 +170,14 @@ def run_study(space: Space, cfg: Config, *, samples: int, resume: bool = False) 
     name = cfg.tracking.run_name or f"tune-{space.name}"
     if resume:
         parent_run_id, saved = tracking.find_run(tracking_uri, cfg.tracking.experiment, name)
-        if MlflowClient(tracking_uri).get_run(parent_run_id).info.status == "FINISHED":
+        if tracking.run_status(parent_run_id, tracking_uri=tracking_uri) == "FINISHED":
             raise UserError(f"study {name!r} has finished: nothing to resume (drop --resume to start it again)")
         cfg = load_config(None, base=saved)
     check_space(space, cfg)
     data = prepare_data(cfg)
     data = data if storage.is_uri(data) else os.path.abspath(data)  # trials run in other folders
     check_data(space.widest_holes(cfg), data)
+    cfg = with_image_size(cfg, data)
     storage_root = storage_path(cfg)
     folder = f"{storage_root.rstrip('/')}/{name}"
     if resume and not tune.Tuner.can_restore(folder):
@@ -283,16 +277,12 @@ def fit_until_ctrl_c(tuner: tune.Tuner) -> tuple[tune.ResultGrid, bool]:
     Ctrl-C handler is off (`runtime.configure_process`)."""
     interrupted = threading.Event()
 
-    def on_ctrl_c(signum, frame):
+    def stop_study() -> None:
         interrupted.set()
-        signal.signal(signal.SIGINT, previous)  # a second Ctrl-C stops at once
         signal.raise_signal(signal.SIGUSR1)  # Tune's own signal to stop a study, as its Ctrl-C handler does
 
-    previous = signal.signal(signal.SIGINT, on_ctrl_c)
-    try:
+    with runtime.first_ctrl_c_calls(stop_study):
         return tuner.fit(), interrupted.is_set()
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def open_parent_run(space: Space, cfg: Config, samples: int, name: str, tracking_uri: str) -> str:
@@ -303,14 +293,12 @@ def open_parent_run(space: Space, cfg: Config, samples: int, name: str, tracking
         *sections, leaf = key.split(".")
         del functools.reduce(dict.__getitem__, sections, shared)[leaf]
     run_id = tracking.start_run(tracking_uri, cfg.tracking.experiment, name, shared, tags={"space": str(space.path)})
-    client = MlflowClient(tracking_uri)
-    searched = [Param(f"search.{key}", str(search)) for key, search in space.searched.items()]
-    study = [Param("samples", str(samples)), Param("search", space.search)]
-    study += [Param("early_stopping", str(space.early_stopping).lower())]
-    study += [Param("time_budget_minutes", str(space.time_budget_minutes))] if space.time_budget_minutes else []
-    study += [Param("baseline", str(space.baseline).lower())]
-    client.log_batch(run_id, params=[*searched, *study])
-    client.log_artifact(run_id, str(space.path))
+    searched = {f"search.{key}": search for key, search in space.searched.items()}
+    study = {"samples": samples, "search": space.search, "early_stopping": str(space.early_stopping).lower()}
+    study |= {"time_budget_minutes": space.time_budget_minutes} if space.time_budget_minutes else {}
+    study |= {"baseline": str(space.baseline).lower()}
+    tracking.log_params(run_id, searched | study, tracking_uri=tracking_uri)
+    tracking.log_file(run_id, str(space.path), tracking_uri=tracking_uri)
     return run_id
 
 
@@ -324,10 +312,9 @@ def reconcile_child_runs(study: Study) -> None:
     """The child runs no `ChildRunCallback` ended: FINISHED, `stopped_early` from the epochs their run logged.
     Those of trials the time budget stopped (Tune calls no callback then), and, in a resumed study, those
     whose trials ended under the driver that was killed or were KILLED by an interrupt and never went on."""
-    client = MlflowClient(study.tracking_uri)
     for status in ("RUNNING", "KILLED"):
         for run_id in study.child_runs(status).values():
-            logged = max((m.step for m in client.get_metric_history(run_id, "val_loss")), default=0)
+            logged = max(tracking.logged_steps(run_id, "val_loss", tracking_uri=study.tracking_uri), default=0)
             stopped = str(logged < study.cfg.train.epochs).lower()
             tracking.set_tag(run_id, "stopped_early", stopped, tracking_uri=study.tracking_uri)
             tracking.end_run(run_id, "FINISHED", tracking_uri=study.tracking_uri)
@@ -356,16 +343,16 @@ def finish_study(study: Study, results: tune.ResultGrid, space: Space) -> StudyR
     table = results_table(reports, list(space.searched), metric, study.cfg.train.epochs, baseline)
     importances = parameter_importances(space, reports, metric)
     val_metrics = {key: float(value) for key, value in state["metrics"].items() if key.startswith("val_")}
-    client = MlflowClient(uri)
-    client.log_text(study.parent_run_id, table + "\n", "results.md")
+    tracking.log_text(study.parent_run_id, table + "\n", "results.md", tracking_uri=uri)
     if importances:
-        client.log_text(study.parent_run_id, importances_table(importances, metric) + "\n", "importances.md")
+        importances_md = importances_table(importances, metric) + "\n"
+        tracking.log_text(study.parent_run_id, importances_md, "importances.md", tracking_uri=uri)
         shares = {f"importance.{key}": share for key, share in importances.items()}
         tracking.log_metrics(study.parent_run_id, shares, step=0, tracking_uri=uri)
     figure = trials_figure(reports, metric, f"{study.name}: {metric} per trial")
     tracking.log_picture(study.parent_run_id, figure, "trials.png", tracking_uri=uri)
     for key, value in {"best_run_id": best_run_id, "best_trial_id": trial_id, "best_model": model_uri}.items():
-        client.set_tag(study.parent_run_id, key, value)
+        tracking.set_tag(study.parent_run_id, key, value, tracking_uri=uri)
     tracking.log_metrics(study.parent_run_id, val_metrics, step=int(state["epoch"]), tracking_uri=uri)
     tracking.end_run(study.parent_run_id, "FINISHED", tracking_uri=uri)
     return StudyResult(
@@ -407,14 +394,14 @@ def results_table(
     """A markdown table, a row per trial, best first: its searched values (the `baseline` trial's marked),
     epochs run, its minutes of training (Tune's clock, start-up included) and its best epoch's metrics."""
     sign = 1 if metric_mode(metric) == "max" else -1
-    header = ["trial", *keys, "epochs", "minutes", *TABLE_METRICS]
+    header = ["trial", *keys, "epochs", "minutes", *VAL_METRICS]
     rows = []
     for trial in sorted(reports, key=lambda trial: -sign * trial.best_epoch(metric)[metric]):
         best, ran = trial.best_epoch(metric), int(trial.epochs["epoch"].max())
         status = " failed" if trial.failed else " stopped" if ran < epochs else ""
         values = (f"{value:.3g}" if isinstance(value, float) else str(value) for value in map(trial.values.get, keys))
         minutes = f"{trial.epochs['time_total_s'].max() / 60:.1f}"
-        scores = (f"{best[m]:.4f}" for m in TABLE_METRICS)
+        scores = (format_metric(m, best[m]) for m in VAL_METRICS)
         name = trial.trial_id + (" (baseline)" if trial.values == baseline else "")
         rows.append([name, *values, f"{ran}/{epochs}{status}", minutes, *scores])
     return markdown(header, rows)

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from inpaint import tracking
 from inpaint.config import add_config_flags, flag_values, load_config
+from inpaint.driver import train
 from inpaint.errors import cli_errors
 from inpaint.runtime import configure_process
-from inpaint.train import train
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -173,6 +173,6 @@ def test_the_levers_script_says_how_the_paper_config_fuses():
     ],
 )
 def test_limited_rows_split_the_first_images_as_a_limited_source_is_split(settings, rows):
-    from inpaint.train import limited_rows
+    from inpaint.driver import limited_rows
 
     assert limited_rows(load_config(None, settings)) == rows

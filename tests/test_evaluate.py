@@ -15,7 +15,7 @@ import torch
 from mlflow import MlflowClient
 from PIL import Image
 
-from inpaint import tracking
+from inpaint import pictures, tracking
 from inpaint.checkpoints import CHECKPOINT_FILE
 from inpaint.config import load_config
 from inpaint.data import read_split, to_float_images
@@ -31,7 +31,7 @@ TINY_MODEL = ["model.widths=[8,16,32]", "model.mixer_dim=16", "model.mask_channe
 def score(fill, images: torch.Tensor, masks: torch.Tensor) -> dict[str, float]:
     totals = MetricTotals()
     totals.update(images, fill(apply_holes(images, masks), masks), masks)
-    return MetricTotals.compute(totals.state())
+    return totals.compute()
 
 
 def one_hole(n: int = 2, size: int = 32, side: int = 8, at: int = 10) -> torch.Tensor:
@@ -190,10 +190,10 @@ def test_evaluation_job_compares_every_method_and_logs_it(trained, tiny_data, tm
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert artifacts >= {"table.md", "table.csv", "evaluation.json", "samples.png"}
     table = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/table.csv")
-    assert table.splitlines()[0] == "method,dice,psnr_hole,psnr,l1_hole,ssim" and len(table.splitlines()) == 7
+    assert table.splitlines()[0] == "method,dice,psnr_hole,l1_hole,ssim,psnr" and len(table.splitlines()) == 7
     picture = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="samples.png")
     with Image.open(picture) as png:  # 8 rows of 128-pixel tiles; masked | 5 fills | truth; a label strip
-        assert png.size == (7 * 130 + 2, 8 * 130 + 2 + tracking.LABEL_HEIGHT)
+        assert png.size == (7 * 130 + 2, 8 * 130 + 2 + pictures.LABEL_HEIGHT)
 
 
 def test_evaluation_job_on_a_raw_source_of_any_size(trained, hf_file, tmp_path):

@@ -1,17 +1,25 @@
 import math
+import multiprocessing
 import os
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+from conftest import free_ports
 from skimage.metrics import structural_similarity
 
 from inpaint.masks import MaskConfig, apply_holes, fixed_masks, squares
 from inpaint.metrics import (
+    METRICS,
+    Metric,
     MetricTotals,
+    all_reduce_sums,
     composite,
     dice,
+    format_metric,
     l1_hole,
+    metric_mode,
     psnr,
     psnr_hole,
     reconstruction_loss,
@@ -78,7 +86,7 @@ def test_totals_do_not_depend_on_batching():
     whole.update(y, p, mask)
     for s in (slice(0, 1), slice(1, 4), slice(4, 6)):
         parts.update(y[s], p[s], mask[s])
-    a, b = MetricTotals.compute(whole.state()), MetricTotals.compute(parts.state())
+    a, b = whole.compute(), parts.compute()
     assert a == pytest.approx(b)
     filled = composite(p, y, mask)
     assert a["dice"] == pytest.approx(dice(y, filled).item())
@@ -116,3 +124,51 @@ def test_paper_dice_on_cifar10(cifar10_sample):
     masks = fixed_masks(torch.arange(len(images)), 32, 32, MaskConfig(kind="diagonal"), seed=0)
     assert dice(images, images).item() == pytest.approx(0.608, abs=0.01)
     assert dice(images, apply_holes(images, masks)).item() == pytest.approx(0.573, abs=0.01)
+
+
+def sums_on_rank(rank: int, port: int, halves: list, results) -> None:
+    """One half of a batch's totals on each of two gloo ranks, added up by `all_reduce_sums`."""
+    os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    totals = MetricTotals()
+    totals.update(*halves[rank])
+    reduced = all_reduce_sums({"val": totals.sums, "train": {"loss": float(rank + 1)}})
+    totals.sums = reduced["val"]
+    results.put((rank, totals.compute(), reduced["train"]))
+    dist.destroy_process_group()
+
+
+def test_named_sums_reduced_over_two_ranks_score_the_whole_split():
+    torch.manual_seed(0)
+    y, p = torch.rand(6, 3, 16, 16), torch.rand(6, 3, 16, 16)
+    mask = fixed_masks(torch.arange(6), 16, 16, MaskConfig(min_size=3, max_size=8), seed=0)
+    whole = MetricTotals()
+    whole.update(y, p, mask)
+    halves = [(y[:2], p[:2], mask[:2]), (y[2:], p[2:], mask[2:])]  # unequal shares, as the last batch makes
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    port = free_ports(1)[0]
+    ranks = [context.Process(target=sums_on_rank, args=(rank, port, halves, results)) for rank in (0, 1)]
+    for process in ranks:
+        process.start()
+    reported = [results.get(timeout=60) for _ in ranks]
+    for process in ranks:
+        process.join(60)
+    for _, scores, train in reported:  # every rank gets the whole split's metrics, by name
+        assert scores == pytest.approx(whole.compute(), abs=1e-6)  # float32 sums of other batches
+        assert list(scores) == list(METRICS) and train == {"loss": 3.0}
+
+
+def test_a_metric_added_to_the_table_is_scored_and_reported_by_name(monkeypatch):
+    """Adding a metric is one edit: a row of `METRICS` reaches the totals, their reduction and `compute`."""
+    hole_share = Metric("hole_share", False, ".4f", lambda target, filled, mask: mask.flatten(1).mean(1))
+    monkeypatch.setitem(METRICS, "hole_share", hole_share)
+    mask = squares(torch.tensor([4, 8]), torch.tensor([0, 0]), torch.tensor([0, 0]), 16, 16)
+    totals = MetricTotals()
+    totals.update(torch.zeros(2, 3, 16, 16), torch.ones(2, 3, 16, 16), mask)
+    totals.sums = all_reduce_sums({"val": totals.sums})["val"]  # outside DDP: unchanged
+    assert totals.compute()["hole_share"] == pytest.approx((16 / 256 + 64 / 256) / 2)
+    assert metric_mode("val_hole_share") == "min" and metric_mode("raw_val_hole_share") == "min"
+    assert metric_mode("val_psnr_hole") == "max" and metric_mode("train_loss") == metric_mode("val_loss") == "min"
+    assert format_metric("val_psnr_hole", 21.456) == "21.46" and format_metric("val_dice", 0.61234) == "0.6123"

@@ -22,7 +22,7 @@ import torch
 from mlflow import MlflowClient
 from PIL import Image
 
-from inpaint import tracking
+from inpaint import pictures, tracking
 from inpaint.errors import UserError
 from inpaint.models import ModelConfig, build_model
 
@@ -168,7 +168,7 @@ def test_sample_grid_layout_and_hole():
     target = torch.rand(n, 3, size, size)
     mask = torch.zeros(n, 1, size, size)
     mask[:, :, 8:16, 8:16] = 1
-    grid = tracking.sample_grid(target * (1 - mask), torch.full_like(target, 2.0), target, mask)
+    grid = pictures.sample_grid(target * (1 - mask), torch.full_like(target, 2.0), target, mask)
     tile = 4 * size  # enlarged ×4
     assert grid.shape == (n * (tile + 2) + 2, 3 * (tile + 2) + 2, 3)
     assert grid.dtype == np.uint8
@@ -183,8 +183,8 @@ def test_sample_grid_layout_and_hole():
 
 def test_pictures_logged_as_png(store, tmp_path):
     run_id = tracking.start_run(store, "exp", "run", {})
-    grid = tracking.sample_grid(torch.rand(3, 3, 32, 32), torch.rand(3, 3, 32, 32), torch.rand(3, 3, 32, 32))
-    curves = tracking.curves_figure({"train_loss": [0.9, 0.5, 0.3], "val_loss": [1.0, 0.6, 0.4]}, "losses")
+    grid = pictures.sample_grid(torch.rand(3, 3, 32, 32), torch.rand(3, 3, 32, 32), torch.rand(3, 3, 32, 32))
+    curves = pictures.curves_figure({"train_loss": [0.9, 0.5, 0.3], "val_loss": [1.0, 0.6, 0.4]}, "losses")
     assert [axes.get_title() for axes in curves.axes] == ["train_loss", "val_loss"]
     tracking.log_picture(run_id, grid, "samples/epoch_001.png")
     tracking.log_picture(run_id, curves, "curves.png", tracking_uri=store)

@@ -63,7 +63,7 @@ def test_two_worker_run_is_tracked_and_registered(tiny_data, tmp_path):
         pred = model(model_input(apply_holes(images, masks), masks))
     totals = MetricTotals()
     totals.update(images, pred, masks)
-    ours = MetricTotals.compute(totals.state())
+    ours = totals.compute()
     logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val_psnr_hole")}
     assert ours["psnr_hole"] == pytest.approx(logged[epoch], abs=1e-3)
     assert result["val_psnr_hole"] == pytest.approx(logged[epoch], abs=1e-6)
