@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from inpaint import data
 from inpaint.data import (
     batch_to_tensor,
+    cifar,
     is_prepared,
     load_source,
     prepare,
@@ -70,7 +70,7 @@ def test_download_into_empty_folder_fails_with_instructions(tmp_path, monkeypatc
         raise urllib.error.URLError("Name or service not known")
 
     torchvision = SimpleNamespace(datasets=SimpleNamespace(CIFAR10=offline))
-    monkeypatch.setattr(data, "import_torchvision", lambda: torchvision)
+    monkeypatch.setattr(cifar, "import_torchvision", lambda: torchvision)
     with pytest.raises(UserError, match=r"could not download CIFAR-10 .*cifar-10-python\.tar\.gz"):
         load_source(tmp_path, download=True, progress=quiet)
 
