@@ -8,7 +8,7 @@ Beside them, `prepared` writes a source as a prepared dataset and reads it back,
 encoded pictures into pixels and pixels into the model's tensors.
 """
 
-from inpaint.data.images import to_float_images, to_uint8_images
+from inpaint.data.images import ImageTooLarge, decode_image, read_image, to_float_images, to_uint8_images
 from inpaint.data.prepared import (
     batch_to_tensor,
     is_prepared,
@@ -20,11 +20,14 @@ from inpaint.data.prepared import (
 from inpaint.data.sources import Progress, load_source
 
 __all__ = [
+    "ImageTooLarge",
     "Progress",
     "batch_to_tensor",
+    "decode_image",
     "is_prepared",
     "load_source",
     "prepare",
+    "read_image",
     "read_manifest",
     "read_split",
     "split_files",

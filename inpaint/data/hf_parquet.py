@@ -5,7 +5,6 @@ column `label` int64; one file, or a folder of `*.parquet` shards where files na
 from __future__ import annotations
 
 import functools
-import io
 import itertools
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,8 +13,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 
+from inpaint.data.images import decode_image
 from inpaint.errors import UserError
 
 if TYPE_CHECKING:  # sources.py imports this module to build its table
@@ -110,15 +109,7 @@ def _rows(opened: list[tuple[Path, pq.ParquetFile, str]]) -> Iterator[tuple[Path
 
 
 def _decode_image(blob: bytes | None, file: Path, row: int) -> np.ndarray:
+    """One row's picture, refused unless RGB: a prepared dataset keeps the source's pixels exactly."""
     if blob is None:
         raise UserError(f"{file} row {row} has no image bytes; remove the row or fill it in")
-    try:
-        with Image.open(io.BytesIO(blob)) as image:
-            if image.mode != "RGB":
-                raise UserError(
-                    f"{file} row {row} has mode {image.mode}; the project expects RGB images: "
-                    "convert them (e.g. Image.convert('RGB')) first"
-                )
-            return np.asarray(image)
-    except (OSError, SyntaxError, ValueError) as err:  # what Pillow raises for unreadable or truncated images
-        raise UserError(f"cannot decode the image in {file} row {row} ({err}); fix or remove that row") from err
+    return decode_image(blob, f"{file} row {row}", "RGB", convert=False)
