@@ -28,13 +28,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from ray import serve
 from ray.serve import Application
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from inpaint import scaled_fill, tracking
+from inpaint.data import ImageTooLarge, decode_image
 from inpaint.errors import UserError
 from inpaint.evaluate import load_model
 from inpaint.models import UNet
@@ -157,20 +158,15 @@ async def parse_form(body: bytes, content_type: str) -> dict[str, bytes]:
     }
 
 
-def decode_image(data: bytes, name: str, mode: str, max_pixels: int) -> np.ndarray:
-    """The picture in field `name` as uint8 pixels in `mode` ("RGB", or "L"); its size is checked before decoding."""
+def decode_field(data: bytes, name: str, mode: str, max_pixels: int) -> np.ndarray:
+    """The picture in field `name` (`inpaint.data.decode_image`); its refusal as the answer: 413 over the pixel
+    limit, else 400."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-            if width * height > max_pixels:
-                raise HTTPError(
-                    413, f"the {name} is {width}x{height}, over the limit of {max_pixels} pixels; send a smaller one"
-                )
-            return np.array(image.convert(mode))
-    except HTTPError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise HTTPError(400, f"the {name} field is not an image Pillow can read ({err})") from None
+        return decode_image(data, f"the {name} field", mode, max_pixels=max_pixels)
+    except ImageTooLarge as err:
+        raise HTTPError(413, str(err)) from None
+    except UserError as err:
+        raise HTTPError(400, str(err)) from None
 
 
 def read_inputs(fields: dict[str, bytes], max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
@@ -178,8 +174,8 @@ def read_inputs(fields: dict[str, bytes], max_pixels: int) -> tuple[np.ndarray, 
     missing = [name for name in ("image", "mask") if name not in fields]
     if missing:
         raise HTTPError(400, f"the form has no {' or '.join(missing)} field; send the fields image and mask")
-    image = decode_image(fields["image"], "image", "RGB", max_pixels)
-    hole = decode_image(fields["mask"], "mask", "L", max_pixels) > 127
+    image = decode_field(fields["image"], "image", "RGB", max_pixels)
+    hole = decode_field(fields["mask"], "mask", "L", max_pixels) > 127
     if hole.shape != image.shape[:2]:
         (height, width), (mask_height, mask_width) = image.shape[:2], hole.shape
         raise HTTPError(

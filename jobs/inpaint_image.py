@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from inpaint import tracking
+from inpaint.data import read_image
 from inpaint.errors import UserError, cli_errors
 from inpaint.evaluate import inpaint_image, load_model
 from inpaint.runtime import configure_process
@@ -36,17 +36,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite)")
     return parser.parse_args(argv)
-
-
-def read_image(path: Path, mode: str) -> np.ndarray:
-    """The picture at `path` converted to `mode` ("RGB", or "L" for grey), as a uint8 array."""
-    try:
-        with Image.open(path) as image:
-            return np.array(image.convert(mode))  # a writable copy, as torch wants
-    except FileNotFoundError:
-        raise UserError(f"no file {path}: check the path") from None
-    except (UnidentifiedImageError, OSError) as err:
-        raise UserError(f"cannot read {path} as an image ({err}); pass a PNG or JPEG file") from None
 
 
 @cli_errors

@@ -11,9 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from inpaint import data
 from inpaint.data import (
     batch_to_tensor,
+    cifar,
+    hf_parquet,
     is_prepared,
     load_source,
     prepare,
@@ -21,6 +22,7 @@ from inpaint.data import (
     read_split,
     split_files,
 )
+from inpaint.data.sources import SOURCES
 from inpaint.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,9 +72,38 @@ def test_download_into_empty_folder_fails_with_instructions(tmp_path, monkeypatc
         raise urllib.error.URLError("Name or service not known")
 
     torchvision = SimpleNamespace(datasets=SimpleNamespace(CIFAR10=offline))
-    monkeypatch.setattr(data, "import_torchvision", lambda: torchvision)
+    monkeypatch.setattr(cifar, "import_torchvision", lambda: torchvision)
     with pytest.raises(UserError, match=r"could not download CIFAR-10 .*cifar-10-python\.tar\.gz"):
         load_source(tmp_path, download=True, progress=quiet)
+
+
+# Each source module on its own: `find` claims its own layouts only, and its reader reads them.
+
+
+def test_cifar_finds_its_layouts_only(cifar_folder, cifar_archive, cifar_splits, hf_file, tmp_path):
+    for path in (cifar_folder, cifar_folder.parent, cifar_archive, cifar_archive.parent):
+        assert_splits_equal(cifar.find(path)(None, quiet), cifar_splits)
+    (tmp_path / "empty").mkdir()
+    assert [cifar.find(path) for path in (hf_file, tmp_path / "empty", tmp_path / "missing")] == [None] * 3
+
+
+def test_hf_parquet_finds_files_and_folders_of_shards(hf_file, hf_folder, hf_splits, tmp_path):
+    assert_splits_equal(hf_parquet.find(hf_file)(None, quiet), {"train": hf_splits["train"]})
+    assert_splits_equal(hf_parquet.find(hf_folder)(None, quiet), hf_splits)
+    (tmp_path / "empty").mkdir()
+    assert hf_parquet.find(tmp_path / "empty") is None and hf_parquet.find(tmp_path / "missing") is None
+
+
+def test_the_first_source_in_the_table_that_claims_a_path_reads_it(cifar_folder, cifar_splits, hf_file):
+    assert [kind.find for kind in SOURCES] == [cifar.find, hf_parquet.find]
+    (cifar_folder / "extra.parquet").write_bytes(hf_file.read_bytes())  # both kinds claim this folder
+    assert_splits_equal(load_source(cifar_folder, progress=quiet), cifar_splits)
+
+
+def test_prepare_refuses_a_prepared_dataset_as_its_source(tmp_path, hf_file):
+    prepare(hf_file, tmp_path / "once", val=4, progress=quiet)
+    with pytest.raises(UserError, match=r"once is already a prepared dataset; pass it to training directly"):
+        prepare(tmp_path / "once", tmp_path / "twice", val=4, progress=quiet)
 
 
 # -----------------------------------------------------------------------------
@@ -233,7 +264,7 @@ def bad_sources(tmp_path, write_hf_parquet) -> dict[str, Path]:
         ("not parquet", r"notes\.txt is not a Parquet file"),
         ("truncated", r"truncated\.parquet is not a Parquet file \(.*corrupted"),
         ("no image column", r"no image column \(columns: pixels, label\).*struct\{bytes"),
-        ("undecodable", r"cannot decode the image in .*broken\.parquet row 1"),
+        ("undecodable", r"broken\.parquet row 1 is not an image this project can read \(.*\); use a JPEG, PNG"),
         ("mixed sizes", r"mixed\.parquet row 1 is 5x4 but the images before it are 8x6"),
         ("grayscale", r"gray\.parquet row 0 has mode L; .*expects RGB"),
         ("rgba", r"rgba\.parquet row 1 has mode RGBA; .*expects RGB"),
