@@ -97,6 +97,17 @@ def metric_mode(name: str) -> str:
     return "min" if base == "loss" or (metric and not metric.higher_is_better) else "max"
 
 
+def best_so_far(metrics: dict[str, float], best: dict[str, float], by: str) -> dict[str, float]:
+    """`best_epoch` and `best_val_*`: the validation metrics of the best epoch so far by `by` (`train.best_metric`),
+    given this epoch's `metrics` and the `best_*` reported with the last one. The run registers that epoch's
+    model, so sorting runs by `best_<by>` in the MLflow UI agrees with the registry and with `@best`."""
+    if f"best_{by}" in best:
+        better = metrics[by] > best[f"best_{by}"] if metric_mode(by) == "max" else metrics[by] < best[f"best_{by}"]
+        if not better:
+            return dict(best)
+    return {"best_epoch": metrics["epoch"]} | {f"best_{k}": v for k, v in metrics.items() if k.startswith("val_")}
+
+
 def format_metric(name: str, value: float) -> str:
     """A reported metric (e.g. `val_psnr_hole`) as tables and logs print it."""
     metric = METRICS.get(name.removeprefix("raw_").removeprefix("val_"))

@@ -32,11 +32,20 @@ from inpaint.checkpoints import load_checkpoint_state, save_checkpoint_state
 from inpaint.config import Config, from_dict
 from inpaint.data import batch_to_tensor, read_split, to_float_images
 from inpaint.masks import apply_holes, fixed_masks, random_masks
-from inpaint.metrics import VAL_METRICS, MetricTotals, all_reduce_sums, composite, format_metric, reconstruction_loss
+from inpaint.metrics import (
+    VAL_METRICS,
+    MetricTotals,
+    all_reduce_sums,
+    best_so_far,
+    composite,
+    format_metric,
+    reconstruction_loss,
+)
 from inpaint.models import build_model, model_input
 from inpaint.runtime import configure_process
 
-EPOCH_METRICS = ("epoch", "train_loss", *VAL_METRICS, "images_per_s", "lr")  # what a worker reports every epoch
+BEST_METRICS = ("best_epoch", *(f"best_{name}" for name in VAL_METRICS))  # the best epoch's so far (`best_so_far`)
+EPOCH_METRICS = ("epoch", "train_loss", *VAL_METRICS, "images_per_s", "lr", *BEST_METRICS)  # reported every epoch
 CURVES = ["train_loss", "val_loss", "val_psnr_hole", "val_dice"]  # drawn in curves.png
 BN_BATCHES = 16  # an epoch's last training batches, on which the weights' average re-estimates its BatchNorm statistics
 
@@ -135,6 +144,7 @@ class Worker:
     steps_per_epoch: int
     ema: AveragedModel | None = None  # the weights' moving average, where `train.ema_decay` asks for one
     recent_inputs: deque = field(default_factory=lambda: deque(maxlen=BN_BATCHES))  # for the average's BatchNorm
+    best: dict[str, float] = field(default_factory=dict)  # `best_*` as last reported
 
     @property
     def delivered(self) -> torch.nn.Module:
@@ -155,6 +165,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if worker.ema:
             refresh_average_batch_norm(worker)
         metrics = validate(worker, val_shard, epoch, train_sums)
+        metrics |= best_so_far(metrics, worker.best, worker.cfg.train.best_metric)
+        worker.best = {key: metrics[key] for key in BEST_METRICS}
         checkpoint_and_report(worker, epoch, metrics)
         if worker.rank == 0:
             log_epoch(worker, epoch, metrics, samples)
@@ -200,6 +212,8 @@ def restore(worker: Worker) -> int:
     worker.scheduler.load_state_dict(state["scheduler"])
     if worker.ema and "ema" in state:  # else (EMA newly asked for) the average starts from these weights
         worker.ema.load_state_dict(state["ema"])
+    saved = state["metrics"]  # with no `best_*` (a checkpoint from before they were reported), its own epoch's
+    worker.best = best_so_far(saved, {k: saved[k] for k in BEST_METRICS if k in saved}, worker.cfg.train.best_metric)
     if worker.rank == 0:  # the run may have stopped between the checkpoint and its MLflow metrics
         print(f"resumed from the checkpoint of epoch {state['epoch']}", flush=True)
         tracking.log_metrics_once(
