@@ -38,6 +38,7 @@ class DataConfig:
     val: int = 5000  # validation images split off the training set when a source is prepared
     val_limit: int | None = None  # validate on the first N validation images only
     seed: int = 0  # the train/val split's seed
+    image_size: list[int] | None = None  # the training pictures' H, W: filled in by the job from the data
 
 
 @dataclass
