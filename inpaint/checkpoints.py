@@ -43,7 +43,7 @@ def train_scale(cfg: Config) -> TrainScale:
     typical side (the middle of `masks.min_size`..`max_size`; the paper's diagonal squares' side)."""
     size = tuple(cfg.data.image_size) if cfg.data.image_size else TrainScale.size
     if cfg.masks.kind == "diagonal":
-        return TrainScale(size, DIAGONAL_SIZE)
+        return TrainScale(size, float(DIAGONAL_SIZE))
     return TrainScale(size, (cfg.masks.min_size + cfg.masks.max_size) / 2)
 
 

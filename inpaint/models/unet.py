@@ -78,10 +78,8 @@ class FusedUNet(UNet):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg)
         bottom = cfg.widths[-1]
-        self.mixer = conv_mixer(
-            cfg.in_channels, cfg.mixer_dim, cfg.mixer_depth, cfg.mixer_kernel_size, cfg.mixer_patch_size,
-            scale=cfg.size_multiple,
-        )  # fmt: skip
+        mixer = (cfg.mixer_dim, cfg.mixer_depth, cfg.mixer_kernel_size, cfg.mixer_patch_size)
+        self.mixer = conv_mixer(cfg.in_channels, *mixer, scale=cfg.size_multiple)  # to the bottleneck's size
         if cfg.fusion == "concat":
             self.fuse = nn.Conv2d(bottom + cfg.mixer_dim, bottom, kernel_size=1)
         else:  # "add": project only when the widths differ (the paper's code has both at 256)
