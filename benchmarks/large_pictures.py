@@ -1,5 +1,5 @@
 """Pictures larger than the training size: hole PSNR of the plain full-resolution pass, the scaled mode
-(`inpaint/scaled_fill.py`: the network at its training scale around each hole) and OpenCV Telea, on
+(`inpaint/fill.py`: the network at its training scale around each hole) and OpenCV Telea, on
 scikit-image's sample photos with holes of several sizes.
 
     python benchmarks/large_pictures.py --model models:/inpaint-fused-unet@best --json large_pictures.json
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from common import TINY_MODEL, load_average, machine, print_table, write_json
 
-from inpaint import scaled_fill, tracking
+from inpaint import fill, tracking
 from inpaint.config import load_config
 from inpaint.data import to_float_images
 from inpaint.evaluate import load_model
@@ -103,9 +103,9 @@ def main(argv: list[str] | None = None) -> None:
             for method in METHODS:
                 started = time.perf_counter()
                 if method == "telea":
-                    fills[method] = scaled_fill.telea_fill(image, hole)
+                    fills[method] = fill.telea_fill(image, hole)
                 else:
-                    fills[method] = scaled_fill.fill_image(model, image, hole, method)
+                    fills[method] = fill.inpaint_image(model, image, hole, mode=method)
                 seconds[method] += time.perf_counter() - started
             for method, filled in fills.items():
                 scores.setdefault(kind, {}).setdefault(method, []).append(hole_psnr(image, filled, hole))

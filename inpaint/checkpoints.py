@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 
-from inpaint.config import from_dict
-from inpaint.models import UNet, build_model
+from inpaint.config import Config, from_dict
+from inpaint.masks import DIAGONAL_SIZE
+from inpaint.models import InpaintingNetwork, TrainScale, build_model
 
 CHECKPOINT_FILE = "state.pt"
 
@@ -36,8 +37,21 @@ def delivered_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {key.removeprefix("module."): value for key, value in state["ema"].items() if key != "n_averaged"}
 
 
-def model_from_state(state: dict[str, Any]) -> UNet:
-    """The model a checkpoint delivers, built from the config saved beside its weights."""
-    model = build_model(from_dict(state["config"]).model)
+def train_scale(cfg: Config) -> TrainScale:
+    """The scale a run of `cfg` trains at, which the fill path shrinks large holes to: its pictures' size
+    (`data.image_size`; CIFAR-10's 32×32 where a config written before that key says none) and its holes'
+    typical side (the middle of `masks.min_size`..`max_size`; the paper's diagonal squares' side)."""
+    size = tuple(cfg.data.image_size) if cfg.data.image_size else TrainScale.size
+    if cfg.masks.kind == "diagonal":
+        return TrainScale(size, float(DIAGONAL_SIZE))
+    return TrainScale(size, (cfg.masks.min_size + cfg.masks.max_size) / 2)
+
+
+def model_from_state(state: dict[str, Any]) -> InpaintingNetwork:
+    """The network a checkpoint delivers (eval mode), built from the config saved beside its weights, with
+    the scale that config trained at."""
+    cfg = from_dict(state["config"])
+    model = build_model(cfg.model)
     model.load_state_dict(delivered_weights(state))
+    model.train_scale = train_scale(cfg)
     return model.eval()

@@ -6,9 +6,9 @@ composited into the known pixels. The baselines a user would otherwise reach for
 - `zero`: the unfilled input;
 - `mean`: each image's mean colour of its known pixels;
 - `telea`, `ns`: OpenCV's inpainting (Telea's fast marching, Navier–Stokes), radius 3, on uint8 images.
-A model fills at any image size: its input is replicate-padded to a multiple of 4 (the network halves
-it twice) and its output cropped back. Models are rebuilt from their config and weights (`load_model`),
-so that a checkpoint folder and a registered MLflow model give the same `UNet` module.
+A model fills through `inpaint.fill`, at any image size (`fill.model_fill`). Models are rebuilt from their
+config and weights (`load_model`), so that a checkpoint folder and a registered MLflow model give the same
+network, with the training scale its config says.
 """
 
 from __future__ import annotations
@@ -24,19 +24,18 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from inpaint import pictures, tracking
 from inpaint.checkpoints import CHECKPOINT_FILE, load_checkpoint_state, model_from_state
-from inpaint.data import Progress, is_prepared, load_source, read_manifest, read_split, to_float_images, to_uint8_images
+from inpaint.data import Progress, is_prepared, load_source, read_manifest, read_split, to_float_images
 from inpaint.errors import UserError
+from inpaint.fill import opencv_fill
 from inpaint.masks import MaskConfig, apply_holes, fixed_masks
 from inpaint.metrics import METRIC_NAMES, MetricTotals, composite, format_metric
-from inpaint.models import UNet, model_input
+from inpaint.models import InpaintingNetwork
 
 Fill = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (masked (N,3,H,W), mask (N,1,H,W)) -> RGB
 
-INPAINT_RADIUS = 3  # pixels around the hole OpenCV's methods look at
 GRID_SAMPLES = 8
 
 
@@ -56,13 +55,6 @@ def mean_fill(masked: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return colour.expand_as(masked)
 
 
-def opencv_fill(masked: torch.Tensor, mask: torch.Tensor, method: int) -> torch.Tensor:
-    """`cv2.inpaint` with `method` (cv2.INPAINT_TELEA or cv2.INPAINT_NS), image by image, on uint8 pixels."""
-    holes = mask[:, 0].to(torch.uint8).numpy()
-    pixels = zip(to_uint8_images(masked), holes, strict=True)
-    return to_float_images(np.stack([cv2.inpaint(p, h, INPAINT_RADIUS, method) for p, h in pixels]))
-
-
 BASELINES: dict[str, Fill] = {
     "telea": functools.partial(opencv_fill, method=cv2.INPAINT_TELEA),
     "ns": functools.partial(opencv_fill, method=cv2.INPAINT_NS),
@@ -71,25 +63,10 @@ BASELINES: dict[str, Fill] = {
 }
 
 
-@torch.no_grad()
-def model_fill(model: UNet, masked: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The network's output for any H×W: the input replicate-padded to a multiple of 4, the output cropped back."""
-    height, width = masked.shape[-2:]
-    inputs = F.pad(model_input(masked, mask), (0, -width % 4, 0, -height % 4), mode="replicate")
-    return model(inputs)[..., :height, :width]
-
-
-@torch.no_grad()
-def flip_averaged_fill(model: UNet, masked: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Test-time augmentation: the mean of the network's fill of the image and of its mirror image (mirrored
-    back). Twice the compute; the known pixels are the input's either way, once composited."""
-    mirrored = model_fill(model, masked.flip(-1), mask.flip(-1)).flip(-1)
-    return (model_fill(model, masked, mask) + mirrored) / 2
-
-
-def load_model(uri: str, tracking_uri: str | None = None) -> UNet:
+def load_model(uri: str, tracking_uri: str | None = None) -> InpaintingNetwork:
     """The network (eval mode) of a checkpoint folder or an MLflow model URI (models:/NAME@ALIAS,
-    models:/NAME/VERSION, runs:/RUN_ID/model), rebuilt from its config so that it takes any image size."""
+    models:/NAME/VERSION, runs:/RUN_ID/model), rebuilt from its config so that it takes any image size, with
+    its `train_scale` read from that config."""
     checkpoint = Path(uri)
     if checkpoint.is_dir():
         if not (checkpoint / CHECKPOINT_FILE).is_file():
@@ -221,17 +198,3 @@ def log_evaluation(report: dict, picture: np.ndarray, tracking_uri: str, experim
     tracking.log_picture(run_id, picture, "samples.png", tracking_uri=tracking_uri)
     tracking.end_run(run_id, tracking_uri=tracking_uri)
     return run_id
-
-
-# ---------------------------------------------------------------------------------------------
-# One user image
-
-
-def inpaint_image(model: UNet, image: np.ndarray, hole: np.ndarray, flip_average: bool = False) -> np.ndarray:
-    """`image` uint8 (H,W,3) with the pixels where `hole` (H,W) is true filled by `model` (averaged with its
-    mirror image's fill if `flip_average`); the others unchanged."""
-    target = to_float_images(image[None])
-    mask = torch.from_numpy(hole[None, None]).float()
-    fill = flip_averaged_fill if flip_average else model_fill
-    pred = fill(model, apply_holes(target, mask), mask)
-    return np.where(hole[..., None], to_uint8_images(pred)[0], image)

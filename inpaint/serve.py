@@ -8,7 +8,7 @@ network, so a second hop between deployments would cost more than it spreads. It
 loaded beside the old one, which serves until the new one is ready and is then swapped in between two batches.
 
 Requests are batched dynamically (`@serve.batch`): the network inputs of requests that arrive together and
-share a size go through the network as one batch (`scaled_fill.fill_many`). `max_batch_size: 1` turns it off.
+share a size go through the network as one batch (`fill.fill_many`). `max_batch_size: 1` turns it off.
 
 Bad input gets one `{"error": "..."}` line with a 4xx status, and the replica goes on serving.
 """
@@ -34,11 +34,11 @@ from ray.serve import Application
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from inpaint import scaled_fill, tracking
+from inpaint import fill, tracking
 from inpaint.data import ImageTooLarge, decode_image
 from inpaint.errors import UserError
 from inpaint.evaluate import load_model
-from inpaint.models import UNet
+from inpaint.models import InpaintingNetwork
 
 logger = logging.getLogger("ray.serve")
 
@@ -50,7 +50,7 @@ METHODS = ("model", "telea")
 SETTINGS: dict[str, Any] = {
     "model": DEFAULT_MODEL,  # models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a checkpoint folder
     "tracking_uri": None,  # None: $MLFLOW_TRACKING_URI on the replica, else ./mlflow.db there
-    "mode": "scaled",  # the default of POST /inpaint's `mode` (scaled_fill.MODES); see docs/serving.md
+    "mode": "scaled",  # the default of POST /inpaint's `mode` (fill.MODES); see docs/serving.md
     "max_batch_size": 8,  # 1 turns batching off
     "batch_wait_timeout_s": 0.01,  # how long a batch waits for more requests
     "alias_poll_s": 30.0,  # how often an alias is re-resolved; 0: only on reconfigure
@@ -74,8 +74,8 @@ def settings_from(overrides: dict[str, Any] | None) -> dict[str, Any]:
     if unknown:
         raise UserError(f"unknown serve setting(s) {', '.join(sorted(unknown))}; known: {', '.join(SETTINGS)}")
     settings = {**SETTINGS, **(overrides or {})}
-    if settings["mode"] not in scaled_fill.MODES:
-        raise UserError(f"mode must be one of {', '.join(scaled_fill.MODES)}, got {settings['mode']!r}")
+    if settings["mode"] not in fill.MODES:
+        raise UserError(f"mode must be one of {', '.join(fill.MODES)}, got {settings['mode']!r}")
     for key in ("max_batch_size", "max_pixels", "max_body_bytes"):
         if not isinstance(settings[key], int) or settings[key] < 1:
             raise UserError(f"{key} must be a whole number of at least 1, got {settings[key]!r}")
@@ -90,7 +90,7 @@ def settings_from(overrides: dict[str, Any] | None) -> dict[str, Any]:
 class Served:
     """A loaded model and what `GET /model` says of it."""
 
-    model: UNet
+    model: InpaintingNetwork
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -279,7 +279,7 @@ class Inpainter:
         self.stats["batches"] += 1
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(items))
         served = self.served  # a reload swaps `self.served`, never this batch's model
-        filled = await asyncio.to_thread(scaled_fill.fill_many, served.model, items)
+        filled = await asyncio.to_thread(fill.fill_many, served.model, items)
         return [(pixels, str(served.info["load_uri"])) for pixels in filled]
 
     @api.post("/inpaint")
@@ -288,9 +288,9 @@ class Inpainter:
         self.stats["requests"] += 1
         try:
             mode = mode or self.settings["mode"]
-            if method not in METHODS or mode not in scaled_fill.MODES:
+            if method not in METHODS or mode not in fill.MODES:
                 raise HTTPError(
-                    400, f"method must be one of {', '.join(METHODS)} and mode one of {', '.join(scaled_fill.MODES)}"
+                    400, f"method must be one of {', '.join(METHODS)} and mode one of {', '.join(fill.MODES)}"
                 )
             body = await read_body(request, self.settings["max_body_bytes"])
             fields = await parse_form(body, request.headers.get("content-type", ""))
@@ -301,7 +301,7 @@ class Inpainter:
         started = time.perf_counter()
         headers = {"X-Inpaint-Method": method, "Cache-Control": "no-store"}
         if method == "telea":
-            filled = await asyncio.to_thread(scaled_fill.telea_fill, image, hole)
+            filled = await asyncio.to_thread(fill.telea_fill, image, hole)
         else:
             filled, version = await self.fill_batch((image, hole, mode))
             headers |= {"X-Inpaint-Mode": mode, "X-Model-Version": version}

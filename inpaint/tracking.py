@@ -400,8 +400,8 @@ def log_model(
 
     Saved with `torch.export` in eval mode, with a signature whose batch, height and width are free
     (`input_example` (N, C, H, W) float32 only fixes the channels), so the graph takes any image size
-    divisible by 4. Loads with `mlflow.pytorch.load_model` (a torch.fx GraphModule: call it, but not
-    `.eval()`, which it refuses) or `mlflow.pyfunc.load_model`. Returns
+    whose sides are multiples of the network's `size_multiple`. Loads with `mlflow.pytorch.load_model` (a
+    torch.fx GraphModule: call it, but not `.eval()`, which it refuses) or `mlflow.pyfunc.load_model`. Returns
     `models:/NAME/VERSION`, or the logged model's URI if not registered.
     """
     if tracking_uri is not None:

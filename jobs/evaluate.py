@@ -24,14 +24,13 @@ from inpaint.evaluate import (
     GRID_SAMPLES,
     comparison_grid,
     evaluate,
-    flip_averaged_fill,
     holes_params,
     load_images,
     load_model,
     log_evaluation,
     markdown_table,
-    model_fill,
 )
+from inpaint.fill import flip_averaged_fill, model_fill
 from inpaint.masks import KINDS, MaskConfig
 from inpaint.runtime import configure_process
 

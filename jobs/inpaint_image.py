@@ -2,8 +2,9 @@
 
 python jobs/inpaint_image.py --model models:/inpaint-fused-unet@champion --image in.png --mask holes.png --out out.png
 
-Any image size works (the network runs on the image replicate-padded to a multiple of 4, then
-cropped back); pixels outside the holes are written unchanged.
+Any image size works (the network runs on the image replicate-padded to a multiple of its size multiple,
+then cropped back); pixels outside the holes are written unchanged. `--mode scaled` fills each hole at the
+network's training scale, as the server does by default (`inpaint/fill.py`, docs/serving.md).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from PIL import Image
 from inpaint import tracking
 from inpaint.data import read_image
 from inpaint.errors import UserError, cli_errors
-from inpaint.evaluate import inpaint_image, load_model
+from inpaint.evaluate import load_model
+from inpaint.fill import MODES, inpaint_image
 from inpaint.runtime import configure_process
 
 
@@ -31,6 +33,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image", required=True, type=Path, help="the image to fill (PNG, JPEG, ...)")
     parser.add_argument("--mask", required=True, type=Path, help="same size as the image; white (>127) = hole")
     parser.add_argument("--out", required=True, type=Path, help="where to write the filled image (PNG)")
+    parser.add_argument(
+        "--mode",
+        choices=MODES,
+        default="full",
+        help="full: the network once over the whole picture (default); scaled: around each hole, at its training scale",
+    )
     parser.add_argument(
         "--flip-average", action="store_true", help="average the fill with the mirrored image's (twice the compute)"
     )
@@ -52,7 +60,8 @@ def main(argv: list[str] | None = None) -> None:
         )
     model = load_model(args.model, tracking.resolve_tracking_uri(args.tracking_uri))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(inpaint_image(model, image, hole, flip_average=args.flip_average)).save(args.out, format="PNG")
+    filled = inpaint_image(model, image, hole, mode=args.mode, flip_average=args.flip_average)
+    Image.fromarray(filled).save(args.out, format="PNG")
     print(f"{args.out}: {int(hole.sum())} hole pixels of {image.shape[1]}x{image.shape[0]} filled")
 
 

@@ -14,7 +14,8 @@ import torch
 from inpaint import tracking
 from inpaint.checkpoints import load_checkpoint_state
 from inpaint.config import from_dict
-from inpaint.evaluate import evaluate, inpaint_image, load_model, model_fill
+from inpaint.evaluate import evaluate, load_model
+from inpaint.fill import inpaint_image, model_fill
 from inpaint.masks import apply_holes, fixed_masks
 from inpaint.models import model_input
 

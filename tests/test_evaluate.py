@@ -19,7 +19,8 @@ from inpaint import pictures, tracking
 from inpaint.checkpoints import CHECKPOINT_FILE
 from inpaint.config import load_config
 from inpaint.data import read_split, to_float_images
-from inpaint.evaluate import BASELINES, flip_averaged_fill, load_model, mean_fill, model_fill, zero_fill
+from inpaint.evaluate import BASELINES, load_model, mean_fill, zero_fill
+from inpaint.fill import flip_averaged_fill, model_fill
 from inpaint.masks import apply_holes, random_masks, squares
 from inpaint.metrics import MAX_PSNR, METRIC_NAMES, MetricTotals, reconstruction_loss
 from inpaint.models import build_model, model_input
@@ -138,7 +139,7 @@ def test_registered_model_is_rebuilt_to_take_any_size(trained):
 @pytest.mark.parametrize("height, width", [(64, 64), (48, 80)])
 def test_the_registered_graph_fills_other_sizes_than_the_training_size(trained, height, width):
     """The contract `tracking.log_model` states: the logged pt2 graph (trained on 32×32) takes any size
-    divisible by 4, and gives what the network rebuilt from its config gives."""
+    whose sides are multiples of its size multiple (4), and gives what the network rebuilt from its config gives."""
     graph = mlflow.pytorch.load_model(trained.model_uri)
     masks = squares(torch.full((2,), 12), torch.full((2,), 20), torch.full((2,), 30), height, width)
     inputs = model_input(apply_holes(torch.rand(2, 3, height, width), masks), masks)

@@ -1,7 +1,16 @@
+from pathlib import Path
+
 import pytest
 import torch
 
+from inpaint.checkpoints import load_checkpoint_state
+from inpaint.config import from_dict, load_config
+from inpaint.errors import UserError
+from inpaint.metrics import reconstruction_loss
 from inpaint.models import ModelConfig, build_model, count_parameters, model_input
+
+BASELINE = Path(__file__).parent / "fixtures" / "baseline"
+DEPTHS = [[8, 16], [8, 16, 32], [8, 16, 32, 64]]
 
 VARIANTS = [
     dict(variant="unet"),
@@ -23,17 +32,46 @@ def test_output_shape_and_range(overrides, size):
     assert y.min() >= 0 and y.max() <= 1
 
 
-def test_bottleneck_is_a_quarter_of_the_input():
-    model = build_model(ModelConfig(widths=[8, 16, 32], mixer_dim=16)).eval()
+@pytest.mark.parametrize("widths", DEPTHS, ids=len)
+def test_the_bottleneck_is_at_the_size_multiples_scale(widths):
+    """Each level halves the size; the ConvMixer's features are pooled to the bottleneck's, whatever the depth."""
+    model = build_model(ModelConfig(widths=widths, mixer_dim=16)).eval()
+    assert model.size_multiple == 2 ** (len(widths) - 1)
     z, skips = model.forward_features(torch.rand(1, 4, 64, 48))
-    assert z.shape == (1, 32, 16, 12)
-    assert [s.shape[-2:] for s in skips] == [(64, 48), (32, 24)]
+    assert z.shape == (1, widths[-1], 64 // model.size_multiple, 48 // model.size_multiple)
+    assert [s.shape[-2:] for s in skips] == [(64 // 2**i, 48 // 2**i) for i in range(len(widths) - 1)]
 
 
-def test_sides_not_divisible_by_four_are_refused():
-    model = build_model(ModelConfig(widths=[8, 16, 32]))
-    with pytest.raises(ValueError, match="divisible by 4"):
-        model(torch.rand(1, 4, 30, 32))
+@pytest.mark.parametrize("widths, side", [([8, 16], 31), ([8, 16, 32], 30), ([8, 16, 32, 64], 36)])
+def test_sides_not_multiples_of_the_size_multiple_are_refused(widths, side):
+    model = build_model(ModelConfig(widths=widths, mixer_dim=16))
+    with pytest.raises(ValueError, match=f"multiples of {model.size_multiple}"):
+        model(torch.rand(1, 4, side, 32))
+
+
+@pytest.mark.parametrize("variant", ["unet", "fused"])
+@pytest.mark.parametrize("widths", [[8, 16], [8, 16, 32, 64]], ids=len)
+def test_u_nets_of_two_and_four_levels_train_a_step(widths, variant):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(variant=variant, widths=widths, mixer_dim=16, mixer_patch_size=2)).train()
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    images, mask = torch.rand(2, 3, 32, 48), torch.zeros(2, 1, 32, 48)
+    mask[..., 8:20, 10:22] = 1
+    loss = reconstruction_loss(model(model_input(images * (1 - mask), mask)), images, mask, "hole_l1")
+    loss.backward()
+    optimizer.step()
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("name", ["fused", "paper"])
+def test_three_levels_keep_the_keys_and_parameter_order_of_earlier_checkpoints(name):
+    """The names a checkpoint's weights load by, and the order an optimizer state's entries follow."""
+    state = load_checkpoint_state(str(BASELINE / name))
+    model = build_model(from_dict(state["config"]).model)
+    assert list(model.state_dict()) == list(state["model"])
+    parameters = dict(model.named_parameters())
+    assert list(parameters) == [key for key in state["model"] if key in parameters]
 
 
 def test_mask_channel_is_seen_only_when_asked():
@@ -87,9 +125,26 @@ def test_model_input_stacks_mask_last():
         (dict(fusion="mul"), "fusion"),
         (dict(mixer_patch_size=3), "mixer_patch_size"),
         (dict(mixer_kernel_size=4), "mixer_kernel_size"),
-        (dict(widths=[8, 16]), "widths"),
+        (dict(widths=[8]), "widths"),
+        (dict(widths=[]), "widths"),
+        (dict(widths=[8, 0, 16]), "widths"),
+        (dict(widths=[8, 16], mixer_patch_size=4), "mixer_patch_size"),  # more than the bottleneck's scale, 2
+        (dict(block="dense"), "block"),
+        (dict(downsampling="stride"), "downsampling"),
+        (dict(upsampling="bicubic"), "upsampling"),
     ],
 )
 def test_bad_model_config_names_the_key(bad, key):
-    with pytest.raises(ValueError, match=key):
+    with pytest.raises(ValueError, match=f"model.{key} "):
         build_model(ModelConfig(**bad))
+
+
+def test_a_u_net_of_one_level_is_refused_naming_the_key_in_one_line():
+    with pytest.raises(UserError) as refused:
+        load_config(None, ["model.widths=[64]"])
+    assert str(refused.value).startswith("model.widths must be") and "\n" not in str(refused.value)
+
+
+def test_the_mixer_patch_may_be_as_large_as_the_bottlenecks_scale():
+    model = build_model(ModelConfig(widths=[8, 16, 32, 64], mixer_dim=16, mixer_patch_size=8)).eval()
+    assert model(torch.rand(1, 4, 16, 24)).shape == (1, 3, 16, 24)

@@ -38,9 +38,11 @@ from mlflow import MlflowClient
 from PIL import Image
 from ray.serve.schema import ServeDeploySchema
 
-from inpaint import scaled_fill, tracking
+from inpaint import fill, tracking
 from inpaint.config import load_config
-from inpaint.evaluate import inpaint_image, load_model
+from inpaint.data import to_float_images, to_uint8_images
+from inpaint.evaluate import load_model
+from inpaint.masks import apply_holes
 from inpaint.models import model_input
 from inpaint.serve import SETTINGS, HTTPError, Inpainter, build_app, parse_form, settings_from
 
@@ -82,41 +84,37 @@ def rectangle(height: int, width: int, top: int, left: int, rows: int, cols: int
 
 def test_full_mode_is_the_plain_pass(trained):
     image, hole = picture(44, 52), rectangle(44, 52, 10, 12, 11, 11)
-    np.testing.assert_array_equal(
-        scaled_fill.fill_image(trained.model, image, hole, "full"), inpaint_image(trained.model, image, hole)
-    )
+    target, mask = to_float_images(image[None]), torch.from_numpy(hole[None, None]).float()
+    plain = to_uint8_images(fill.model_fill(trained.model, apply_holes(target, mask), mask))[0]
+    expected = np.where(hole[..., None], plain, image)
+    np.testing.assert_array_equal(fill.inpaint_image(trained.model, image, hole, mode="full"), expected)
 
 
 def test_scaled_mode_shrinks_a_large_hole_to_the_training_scale(trained):
     image = picture(300, 451)
     hole = rectangle(300, 451, 100, 200, 40, 50) | rectangle(300, 451, 250, 0, 12, 451)
-    patches = scaled_fill.plan(image, hole, "scaled")
+    patches = fill.plan(image, hole, "scaled", trained.model.train_scale)
     square, stripe = sorted(patches, key=lambda p: p.paste.shape[1])
     assert square.scaled and max(square.masked.shape[1:]) <= 40  # 40 px thick → about 12, with context
     assert 9 <= square.mask[0].sum(0).max() <= 16  # the hole, shrunk to about the training hole size
     assert not stripe.scaled and stripe.paste.sum() == 12 * 451  # 12 px thick already: full resolution
-    filled = scaled_fill.fill_image(trained.model, image, hole, "scaled")
+    filled = fill.inpaint_image(trained.model, image, hole, mode="scaled")
     np.testing.assert_array_equal(filled[~hole], image[~hole])
     assert (filled[hole] != image[hole]).any()
 
 
 def test_fill_many_runs_one_batch_per_input_size(trained):
-    class Counting(torch.nn.Module):
-        def __init__(self, model):
-            super().__init__()
-            self.model, self.batches = model, []
-
-        def forward(self, inputs):
-            self.batches.append(tuple(inputs.shape))
-            return self.model(inputs)
-
-    counting = Counting(trained.model)
+    batches = []
+    counting = trained.model.register_forward_pre_hook(lambda _, inputs: batches.append(tuple(inputs[0].shape)))
     items = [(picture(32, 32, seed), rectangle(32, 32, 8, 8, 10, 10), "full") for seed in range(3)]
     items.append((picture(40, 48), rectangle(40, 48, 8, 8, 10, 10), "full"))
-    out = scaled_fill.fill_many(counting, items)
-    assert sorted(counting.batches) == [(1, 4, 40, 48), (3, 4, 32, 32)]
+    try:
+        out = fill.fill_many(trained.model, items)
+    finally:
+        counting.remove()
+    assert sorted(batches) == [(1, 4, 40, 48), (3, 4, 32, 32)]
     for (image, hole, _), filled in zip(items, out, strict=True):
-        np.testing.assert_array_equal(filled, inpaint_image(trained.model, image, hole))
+        np.testing.assert_array_equal(filled, fill.inpaint_image(trained.model, image, hole))
 
 
 def test_multipart_bodies_round_trip():
@@ -257,7 +255,7 @@ def test_inpaint_fills_the_hole_and_keeps_every_known_pixel(server, registry):
     np.testing.assert_array_equal(filled[~hole], image[~hole])
     assert (filled[hole] != image[hole]).any(axis=-1).mean() > 0.9
     assert response.headers["X-Model-Version"] == "models:/tiny/1" and response.headers["X-Inpaint-Mode"] == "scaled"
-    assert close(filled, scaled_fill.fill_image(registry.first, image, hole, "scaled"))
+    assert close(filled, fill.inpaint_image(registry.first, image, hole, mode="scaled"))
     assert float(response.headers["X-Inpaint-Ms"]) > 0
 
 
@@ -270,9 +268,9 @@ def test_full_mode_and_telea_answer_as_the_library_does(server, registry):
         image = np.array(decoded_jpeg.convert("RGB"))
     mask = png(hole.astype(np.uint8) * 255)
     full = decoded(post(server.url, jpeg.getvalue(), mask, mode="full"))
-    assert close(full, inpaint_image(registry.first, image, hole))
+    assert close(full, fill.inpaint_image(registry.first, image, hole))
     telea_fill = decoded(post(server.url, jpeg.getvalue(), mask, method="telea"))
-    np.testing.assert_array_equal(telea_fill, scaled_fill.telea_fill(image, hole))
+    np.testing.assert_array_equal(telea_fill, fill.telea_fill(image, hole))
     assert (telea_fill[hole] != full[hole]).any()
 
 
@@ -284,7 +282,7 @@ def test_concurrent_requests_of_one_size_are_batched(server, registry):
         responses = list(pool.map(lambda c: post(server.url, png(c[0]), png(c[1].astype(np.uint8) * 255)), cases))
     after = requests.get(f"{server.url}/healthz", timeout=10).json()
     for (image, hole), response in zip(cases, responses, strict=True):
-        assert close(decoded(response), scaled_fill.fill_image(registry.first, image, hole))
+        assert close(decoded(response), fill.inpaint_image(registry.first, image, hole, mode="scaled"))
     assert after["requests"] - before["requests"] == 12
     assert after["batches"] - before["batches"] < 12, after  # some requests shared a batch
     assert after["largest_batch"] > 1
@@ -458,7 +456,7 @@ def test_the_page_fills_a_dragged_hole_in_chromium(server, registry, tmp_path):
     hole = rectangle(96, 128, top, left, height, width)
     np.testing.assert_array_equal(filled[~hole], image[~hole])  # nothing else changed
     assert (filled[hole] != image[hole]).any(axis=-1).mean() > 0.5  # the hole did
-    assert close(filled, scaled_fill.fill_image(registry.first, image, hole))
+    assert close(filled, fill.inpaint_image(registry.first, image, hole, mode="scaled"))
     assert times.count("ms on the server") == 2, times
 
 
@@ -497,8 +495,8 @@ def test_moving_the_alias_serves_the_new_version_without_dropping_requests(serve
     response = post(server.url, png(image), png(hole.astype(np.uint8) * 255))
     assert response.headers["X-Model-Version"] == "models:/tiny/2"
     filled = decoded(response)
-    assert close(filled, scaled_fill.fill_image(registry.second, image, hole))
-    assert not close(filled, scaled_fill.fill_image(registry.first, image, hole))
+    assert close(filled, fill.inpaint_image(registry.second, image, hole, mode="scaled"))
+    assert not close(filled, fill.inpaint_image(registry.first, image, hole, mode="scaled"))
     assert requests.get(f"{server.url}/healthz", timeout=10).json()["reloads"] >= 1
 
 

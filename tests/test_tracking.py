@@ -236,7 +236,7 @@ def test_log_model_registers_a_cpu_model_that_loads_anywhere(store, tmp_path):
     assert f"torch=={torch_version}" not in requirements
     assert f"torch=={torch_version}+cpu" in (files / "conda.yaml").read_text()
     assert "-r requirements.txt" in (files / "python_env.yaml").read_text()
-    assert (files / "code" / "inpaint" / "models.py").is_file()
+    assert (files / "code" / "inpaint" / "models" / "unet.py").is_file()
 
     # where `inpaint` cannot be imported at all
     script = (

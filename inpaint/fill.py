@@ -1,18 +1,24 @@
-"""Filling pictures of any size, several at a time: the network once over the whole picture ("full"), or at
-its training scale around each hole ("scaled").
+"""Filling holes with a trained network: the one path that evaluation, `jobs/inpaint_image.py` and the server
+take, so that a picture is filled the same way wherever it is filled.
 
-Why a scaled mode: the network learnt on 32×32 CIFAR-10 pictures with square holes of 8–16 px. On a 451×300
-photo a 40×50 hole is three times wider than any hole it has seen, and its receptive field holds little but
-hole: it paints a flat block where Telea blends. The scaled mode cuts a neighbourhood around each hole (each
-8-connected group of hole pixels), shrinks it so that the hole is about `train_hole` pixels thick (twice its
-largest distance to a known pixel) with `train_size`-sized context, fills that, enlarges the fill back, and
-pastes it into the hole, feathered into OpenCV Telea's fill over the hole's outer rim (about one network pixel)
-so that no seam shows. A hole already thin enough (a 12-px stripe) is filled at full resolution in its
-neighbourhood.
+At the bottom, `model_fill` runs the network on a batch of any H×W: the input replicate-padded up to a
+multiple of the network's `size_multiple` (the sides its downsamplings halve), the output cropped back.
+Evaluation scores that on tensors. A picture (uint8) is filled in one of two modes:
+- "full": the network once over the whole picture;
+- "scaled": the network at its training scale around each hole. The network learnt at `model.train_scale`
+  (CIFAR-10's 32×32 pictures with 8–16 px square holes, unless its config says otherwise): on a 451×300
+  photo a 40×50 hole is three times wider than any hole it has seen, and its receptive field holds little
+  but hole, so it paints a flat block where Telea blends. This mode cuts a neighbourhood around each hole
+  (each 8-connected group of hole pixels), shrinks it so that the hole is about the training hole's size
+  thick (twice its largest distance to a known pixel) with training-picture-sized context, fills that,
+  enlarges the fill back, and pastes it into the hole, feathered into OpenCV Telea's fill over the hole's
+  outer rim (about one network pixel) so that no seam shows. A hole already thin enough (a 12-px stripe)
+  is filled at full resolution in its neighbourhood.
 
 Both modes go through `plan` (the network inputs, `Patch`es), `fill_patches` (one network call per input size,
 so that pictures and holes of one size batch together) and `assemble` (pasted into the hole pixels only: the
-known pixels come back exactly as given).
+known pixels come back exactly as given). OpenCV's fills live here too: the scaled mode feathers into Telea's,
+the server offers it, and evaluation scores it as a baseline.
 """
 
 from __future__ import annotations
@@ -23,15 +29,39 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from inpaint.data import to_float_images, to_uint8_images
-from inpaint.evaluate import BASELINES, INPAINT_RADIUS, model_fill
 from inpaint.masks import apply_holes
-from inpaint.models import UNet
+from inpaint.models import InpaintingNetwork, TrainScale, model_input
 
 MODES = ("scaled", "full")
-TRAIN_SIZE = 32  # the pictures the network learnt on (CIFAR-10)
-TRAIN_HOLE = 12  # the middle of the default recipe's hole sides (masks.min_size 8 to masks.max_size 16)
+INPAINT_RADIUS = 3  # pixels around the hole OpenCV's methods look at
+
+
+def opencv_fill(masked: torch.Tensor, mask: torch.Tensor, method: int) -> torch.Tensor:
+    """`cv2.inpaint` with `method` (cv2.INPAINT_TELEA or cv2.INPAINT_NS), image by image, on uint8 pixels."""
+    holes = mask[:, 0].to(torch.uint8).numpy()
+    pixels = zip(to_uint8_images(masked), holes, strict=True)
+    return to_float_images(np.stack([cv2.inpaint(p, h, INPAINT_RADIUS, method) for p, h in pixels]))
+
+
+@torch.no_grad()
+def model_fill(model: InpaintingNetwork, masked: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The network's output for any H×W: the input replicate-padded to a multiple of its size multiple, the
+    output cropped back."""
+    height, width = masked.shape[-2:]
+    multiple = model.size_multiple
+    inputs = F.pad(model_input(masked, mask), (0, -width % multiple, 0, -height % multiple), mode="replicate")
+    return model(inputs)[..., :height, :width]
+
+
+@torch.no_grad()
+def flip_averaged_fill(model: InpaintingNetwork, masked: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Test-time augmentation: the mean of the network's fill of the image and of its mirror image (mirrored
+    back). Twice the compute; the known pixels are the input's either way, once composited."""
+    mirrored = model_fill(model, masked.flip(-1), mask.flip(-1)).flip(-1)
+    return (model_fill(model, masked, mask) + mirrored) / 2
 
 
 @dataclass
@@ -73,15 +103,10 @@ def _window_patch(
     return Patch(top, left, component[top:bottom, left:right], masked, mask)
 
 
-def plan(
-    image: np.ndarray,
-    hole: np.ndarray,
-    mode: str = "scaled",
-    train_hole: int = TRAIN_HOLE,
-    train_size: int = TRAIN_SIZE,
-) -> list[Patch]:
+def plan(image: np.ndarray, hole: np.ndarray, mode: str, train_scale: TrainScale) -> list[Patch]:
     """The network inputs that fill `hole` (H, W) bool of `image` (H, W, 3) uint8 in `mode` ("full": the whole
-    picture; "scaled": a neighbourhood per hole, shrunk until the hole is about `train_hole` px thick)."""
+    picture; "scaled": a neighbourhood per hole, shrunk until the hole is about `train_scale.hole` px thick
+    with as much picture around it as the `train_scale.size` training pictures had)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if mode == "full":
@@ -90,11 +115,12 @@ def plan(
     patches = []
     for label in range(1, count):
         component = labels == label
-        scale = min(1.0, train_hole / max(hole_thickness(component), 1.0))
-        margin = math.ceil((train_size - train_hole) / 2 / scale)  # the context around it, at network scale
+        shrink = min(1.0, train_scale.hole / max(hole_thickness(component), 1.0))
+        # the context on each side of the hole, in picture pixels, for each axis
+        rows, cols = (math.ceil((side - train_scale.hole) / 2 / shrink) for side in train_scale.size)
         left, top, width, height = stats[label, :4]
-        box = (*_span(top, height, margin, hole.shape[0]), *_span(left, width, margin, hole.shape[1]))
-        patches.append(_window_patch(image, hole, component, box, scale))
+        box = (*_span(top, height, rows, hole.shape[0]), *_span(left, width, cols, hole.shape[1]))
+        patches.append(_window_patch(image, hole, component, box, shrink))
     return patches
 
 
@@ -106,8 +132,10 @@ def _span(start: int, length: int, margin: int, limit: int) -> tuple[int, int]:
     return int(begin), int(begin + size)
 
 
-def fill_patches(model: UNet, patches: list[Patch]) -> list[torch.Tensor]:
-    """The network's fill (3, h, w) of each patch: one call per input size, patches of a size stacked."""
+def fill_patches(model: InpaintingNetwork, patches: list[Patch], flip_average: bool = False) -> list[torch.Tensor]:
+    """The network's fill (3, h, w) of each patch (averaged with its mirror image's if `flip_average`): one
+    call per input size, patches of a size stacked."""
+    fill = flip_averaged_fill if flip_average else model_fill
     fills: list[torch.Tensor | None] = [None] * len(patches)
     by_size: dict[tuple[int, ...], list[int]] = {}
     for i, patch in enumerate(patches):
@@ -115,7 +143,7 @@ def fill_patches(model: UNet, patches: list[Patch]) -> list[torch.Tensor]:
     for indices in by_size.values():
         masked = torch.stack([patches[i].masked for i in indices])
         mask = torch.stack([patches[i].mask for i in indices])
-        for i, filled in zip(indices, model_fill(model, masked, mask), strict=True):
+        for i, filled in zip(indices, fill(model, masked, mask), strict=True):
             fills[i] = filled
     return fills  # type: ignore[return-value]
 
@@ -145,11 +173,14 @@ def assemble(image: np.ndarray, hole: np.ndarray, patches: list[Patch], fills: l
     return np.where(hole[..., None], out, image)
 
 
-def fill_many(model: UNet, items: list[tuple[np.ndarray, np.ndarray, str]]) -> list[np.ndarray]:
-    """Each (image uint8 (H, W, 3), hole bool (H, W), mode) filled; the network inputs of all of them that share
-    a size go through it together (what the server's dynamic batching relies on)."""
-    plans = [plan(image, hole, mode) for image, hole, mode in items]
-    fills = fill_patches(model, [patch for patches in plans for patch in patches])
+def fill_many(
+    model: InpaintingNetwork, items: list[tuple[np.ndarray, np.ndarray, str]], flip_average: bool = False
+) -> list[np.ndarray]:
+    """Each (image uint8 (H, W, 3), hole bool (H, W), mode) filled, the scaled mode at the network's training
+    scale; the network inputs of all of them that share a size go through it together (what the server's
+    dynamic batching relies on)."""
+    plans = [plan(image, hole, mode, model.train_scale) for image, hole, mode in items]
+    fills = fill_patches(model, [patch for patches in plans for patch in patches], flip_average)
     out, start = [], 0
     for (image, hole, _), patches in zip(items, plans, strict=True):
         out.append(assemble(image, hole, patches, fills[start : start + len(patches)]))
@@ -157,15 +188,18 @@ def fill_many(model: UNet, items: list[tuple[np.ndarray, np.ndarray, str]]) -> l
     return out
 
 
-def fill_image(model: UNet, image: np.ndarray, hole: np.ndarray, mode: str = "scaled") -> np.ndarray:
-    """One picture filled in `mode`; the pixels outside `hole` unchanged."""
-    return fill_many(model, [(image, hole, mode)])[0]
+def inpaint_image(
+    model: InpaintingNetwork, image: np.ndarray, hole: np.ndarray, *, mode: str = "full", flip_average: bool = False
+) -> np.ndarray:
+    """`image` uint8 (H, W, 3) with the pixels where `hole` (H, W) is true filled by `model` in `mode` (averaged
+    with its mirror image's fill if `flip_average`); the others unchanged."""
+    return fill_many(model, [(image, hole, mode)], flip_average)[0]
 
 
 def telea_fill(image: np.ndarray, hole: np.ndarray) -> np.ndarray:
-    """OpenCV Telea's fill (`evaluate.BASELINES["telea"]`) of one picture, the known pixels unchanged: what
-    the model is measured against."""
+    """OpenCV Telea's fill of one picture, the known pixels unchanged: evaluation's `telea` baseline, what the
+    model is measured against."""
     target = to_float_images(image[None])
     mask = torch.from_numpy(hole[None, None]).float()
-    filled = to_uint8_images(BASELINES["telea"](apply_holes(target, mask), mask))[0]
+    filled = to_uint8_images(opencv_fill(apply_holes(target, mask), mask, cv2.INPAINT_TELEA))[0]
     return np.where(hole[..., None], filled, image)
