@@ -92,10 +92,6 @@ class Served:
     model: UNet
     info: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def version(self) -> str | None:
-        return self.info.get("version")
-
 
 def resolve(uri: str, tracking_uri: str) -> dict[str, Any]:
     """What `uri` names now: for a registered model its name, version, alias, run and validation metrics, and
@@ -276,7 +272,8 @@ class Inpainter:
         if self.served is None:
             raise RuntimeError("no model loaded")
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    # the defaults until `reconfigure` applies the deployment's own
+    @serve.batch(max_batch_size=SETTINGS["max_batch_size"], batch_wait_timeout_s=SETTINGS["batch_wait_timeout_s"])
     async def fill_batch(self, items: list[tuple[np.ndarray, np.ndarray, str]]) -> list[tuple[np.ndarray, str]]:
         """The model's fills of requests that arrived together (those of one size go through it as one batch),
         each with the URI of the version that filled it."""
