@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from inpaint import tracking
+from inpaint import tables, tracking
 from inpaint.checkpoints import CHECKPOINT_FILE, load_checkpoint_state, model_from_state
 from inpaint.data import Progress, is_prepared, load_source, read_manifest, read_split, to_float_images, to_uint8_images
 from inpaint.errors import UserError
@@ -193,12 +193,12 @@ def comparison_grid(
 
 
 def markdown_table(rows: list[dict[str, float | str]]) -> str:
-    lines = ["| method | " + " | ".join(TABLE_COLUMNS) + " |", "|---" * (len(TABLE_COLUMNS) + 1) + "|"]
-    for row in rows:
-        # PSNRs in dB to 2 decimals, the [0, 1] scores to 4
-        cells = [f"{row[c]:.2f}" if c.startswith("psnr") else f"{row[c]:.4f}" for c in TABLE_COLUMNS]
-        lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    """The evaluation table, a row per method: PSNRs in dB to 2 decimals, the [0, 1] scores to 4."""
+    cells = [
+        [str(row["method"]), *(f"{row[c]:.2f}" if c.startswith("psnr") else f"{row[c]:.4f}" for c in TABLE_COLUMNS)]
+        for row in rows
+    ]
+    return tables.markdown(["method", *TABLE_COLUMNS], cells) + "\n"
 
 
 def csv_table(rows: list[dict[str, float | str]]) -> str:

@@ -36,7 +36,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
-from inpaint import storage, tracking
+from inpaint import storage, tables, tracking
 from inpaint.config import Config, load_config, with_values
 from inpaint.errors import RunFailed, UserError
 from inpaint.spaces import Space, check_space
@@ -417,13 +417,7 @@ def results_table(
         scores = (f"{best[m]:.4f}" for m in TABLE_METRICS)
         name = trial.trial_id + (" (baseline)" if trial.values == baseline else "")
         rows.append([name, *values, f"{ran}/{epochs}{status}", minutes, *scores])
-    return markdown(header, rows)
-
-
-def markdown(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(map(len, column)) for column in zip(header, *rows, strict=True)]
-    lines = [header, ["-" * width for width in widths], *rows]
-    return "\n".join("| " + " | ".join(map(str.ljust, line, widths)) + " |" for line in lines)
+    return tables.markdown(header, rows)
 
 
 def parameter_importances(space: Space, reports: list[TrialReports], metric: str) -> dict[str, float]:
@@ -452,7 +446,7 @@ def parameter_importances(space: Space, reports: list[TrialReports], metric: str
 
 def importances_table(importances: dict[str, float], metric: str) -> str:
     rows = [[key, f"{share:.2f}"] for key, share in sorted(importances.items(), key=lambda item: -item[1])]
-    return markdown(["searched key", f"share of {metric}'s variation"], rows)
+    return tables.markdown(["searched key", f"share of {metric}'s variation"], rows)
 
 
 def trials_figure(reports: list[TrialReports], metric: str, title: str) -> Figure:
