@@ -17,6 +17,7 @@ Bad input gets one `{"error": "..."}` line with a 4xx status, and the replica go
 import asyncio
 import io
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from ray.serve import Application
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from inpaint import scaled_fill, tracking
+from inpaint import runtime, scaled_fill, tracking
 from inpaint.errors import UserError
 from inpaint.evaluate import load_model
 from inpaint.models import UNet
@@ -225,6 +226,7 @@ class Inpainter:
     """A replica: the model, its settings, and counters of what it did."""
 
     def __init__(self) -> None:
+        runtime.configure_process()  # a replica is a process of its own: under `serve deploy`, nothing else does it
         self.settings: dict[str, Any] = {}
         self.served: Served | None = None
         self.stats = {"requests": 0, "refused": 0, "batches": 0, "largest_batch": 0, "reloads": 0}
@@ -267,6 +269,11 @@ class Inpainter:
                     await self.reload()
                 except Exception as err:  # the registry away for a while: keep serving what is loaded
                     logger.warning("could not re-resolve %s: %s", self.settings["model"], err)
+
+    def process_settings(self) -> dict[str, str | None]:
+        """This replica's values of the process-wide settings (`runtime.ENVIRONMENT`), for a deployment handle
+        (`handle.process_settings.remote()`; no HTTP route): what a replica on a cluster really runs with."""
+        return {name: os.environ.get(name) for name in runtime.ENVIRONMENT}
 
     def check_health(self) -> None:
         if self.served is None:
