@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
+from inpaint import tables
 from inpaint.config import Config, load_config
 from inpaint.data import prepare
 from inpaint.masks import random_masks
@@ -315,15 +316,10 @@ def _epoch_metrics(uri: str, run_id: str) -> list[dict[str, Any]]:
 
 
 def print_table(title: str, rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> None:
-    """Rows as an aligned text table; `columns` are (key, header, format spec)."""
-    cells = [[header for _, header, _ in columns]]
-    cells += [[format(row[key], spec) if row.get(key) is not None else "-" for key, _, spec in columns] for row in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
-    print(f"\n{title}")
-    for i, line in enumerate(cells):
-        print("  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)))
-        if i == 0:
-            print("  ".join("-" * width for width in widths))
+    """Rows as a Markdown table under `title`, as docs/performance.md holds them; `columns` are (key, header,
+    format spec), a missing value "-"."""
+    cells = [[format(row[key], spec) if row.get(key) is not None else "-" for key, _, spec in columns] for row in rows]
+    print(f"\n{title}\n" + tables.markdown([header for _, header, _ in columns], cells))
 
 
 def write_json(path: Path | None, payload: dict[str, Any]) -> None:

@@ -1,5 +1,5 @@
 """A bounded load test of the Serve app: `--requests` POST /inpaint at each concurrency, with dynamic batching
-on (`max_batch_size` 8) and off (1), against a local Ray Serve started here; throughput, p50/p95/p99 latency,
+on (the default `max_batch_size`) and off (1), against a local Ray Serve started here; throughput, p50/p95/p99 latency,
 errors, and the mean batch the replica formed.
 
     python benchmarks/serve_load.py --model models:/inpaint-fused-unet@best --json serve_load.json
@@ -31,12 +31,12 @@ from common import TINY_MODEL, load_average, machine, print_table, write_json
 from PIL import Image
 from ray import serve
 
-from inpaint import tracking
-from inpaint.checkpoints import CHECKPOINT_FILE
+from inpaint import fill, tracking
+from inpaint.checkpoints import save_checkpoint_state
 from inpaint.config import load_config
 from inpaint.models import build_model
 from inpaint.runtime import configure_process
-from inpaint.serve import build_app
+from inpaint.serve import SETTINGS, build_app
 
 
 def png(pixels: np.ndarray) -> bytes:
@@ -67,7 +67,7 @@ def quick_checkpoint(root: Path) -> str:
     folder = root / "checkpoint_000000"
     folder.mkdir(parents=True)
     model = build_model(cfg.model)
-    torch.save({"model": model.state_dict(), "config": cfg.to_dict(), "epoch": 0}, folder / CHECKPOINT_FILE)
+    save_checkpoint_state(str(folder), {"model": model.state_dict(), "config": cfg.to_dict(), "epoch": 0})
     return str(folder)
 
 
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--size", type=int, default=64, help="picture side (px)")
     parser.add_argument("--hole", type=int, default=12, help="hole side (px)")
-    parser.add_argument("--mode", choices=["scaled", "full"], default="scaled")
+    parser.add_argument("--mode", choices=fill.MODES, default=SETTINGS["mode"])
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="a tiny untrained model, 40 requests")
     parser.add_argument("--json", type=Path)
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        for batching, max_batch_size in (("on", 8), ("off", 1)):
+        for batching, max_batch_size in (("on", SETTINGS["max_batch_size"]), ("off", 1)):
             settings = {"model": model, "tracking_uri": tracking_uri, "mode": args.mode}
             settings |= {"max_batch_size": max_batch_size, "alias_poll_s": 0, "num_replicas": args.replicas}
             serve.run(build_app(settings), name="inpaint", route_prefix="/")

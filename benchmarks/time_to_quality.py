@@ -8,7 +8,7 @@ from the MLflow run's start (Ray's start-up included) to the first epoch whose `
 each threshold, the steady images/s (median of epochs 2 and later), and the last epoch's PSNR.
 
 python benchmarks/time_to_quality.py --data ../shared/data/cifar10 --runs before=/tmp/before after=. \\
-    --json time_to_quality.json                  # two full default-recipe runs: about 45 minutes here
+    --json time_to_quality.json                  # two full default-recipe runs, one after the other
 python benchmarks/time_to_quality.py --quick     # CI: a tiny model on synthetic data, seconds of training
 """
 

@@ -63,6 +63,12 @@ def check_data(cfg: Config, data: str) -> None:
         raise UserError(
             f"{data} has no validation images: prepare it again with --val N (jobs/prepare.py), N at least 1"
         )
+    multiple = cfg.model.size_multiple  # else the first forward pass fails inside a worker
+    if manifest["height"] % multiple or manifest["width"] % multiple:
+        raise UserError(
+            f"{data} holds {manifest['height']}×{manifest['width']} pictures but model.widths of "
+            f"{len(cfg.model.widths)} levels needs sides divisible by {multiple}: use fewer levels"
+        )
     for name in ("masks", "val_masks"):
         try:
             getattr(cfg, name).validate(manifest["height"], manifest["width"])

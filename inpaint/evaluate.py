@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 import torch
 
-from inpaint import pictures, tracking
+from inpaint import pictures, tables, tracking
 from inpaint.checkpoints import CHECKPOINT_FILE, load_checkpoint_state, model_from_state
 from inpaint.data import Progress, is_prepared, load_source, read_manifest, read_split, to_float_images
 from inpaint.errors import UserError
@@ -169,11 +169,9 @@ def comparison_grid(
 
 
 def markdown_table(rows: list[dict[str, float | str]]) -> str:
-    lines = ["| method | " + " | ".join(METRIC_NAMES) + " |", "|---" * (len(METRIC_NAMES) + 1) + "|"]
-    for row in rows:
-        cells = [format_metric(name, row[name]) for name in METRIC_NAMES]
-        lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    """The evaluation table, a row per method, each metric as `format_metric` prints it."""
+    cells = [[str(row["method"]), *(format_metric(name, row[name]) for name in METRIC_NAMES)] for row in rows]
+    return tables.markdown(["method", *METRIC_NAMES], cells) + "\n"
 
 
 def csv_table(rows: list[dict[str, float | str]]) -> str:

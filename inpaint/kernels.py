@@ -1,8 +1,8 @@
 """Faster formulations of layers whose PyTorch CPU backward is slow: the same parameters, the same function.
 
 PyTorch's CPU weight gradient of a depthwise convolution (the ConvMixer's `groups == channels` conv)
-takes about 10× the time of its forward pass and input gradient together, and more in bf16 than in
-fp32 (docs/performance.md, benchmarks/layers.py). `DepthwiseConv2d` is an `nn.Conv2d` (same weights,
+takes many times longer than its forward pass and input gradient together, and longer in bf16 than in
+fp32 (the figures: docs/performance.md, benchmarks/layers.py). `DepthwiseConv2d` is an `nn.Conv2d` (same weights,
 same state-dict keys, so checkpoints and registered models are unchanged) whose training backward
 computes that gradient with one reduction compiled by `torch.compile` (with no working C++ compiler it
 warns once and runs the reduction eagerly, slower but still ahead of PyTorch's). Inference is plain

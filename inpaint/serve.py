@@ -17,6 +17,7 @@ Bad input gets one `{"error": "..."}` line with a 4xx status, and the replica go
 import asyncio
 import io
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from ray.serve import Application
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from inpaint import fill, tracking
+from inpaint import fill, runtime, tracking
 from inpaint.data import ImageTooLarge, decode_image
 from inpaint.errors import UserError
 from inpaint.evaluate import load_model
@@ -92,10 +93,6 @@ class Served:
 
     model: InpaintingNetwork
     info: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def version(self) -> str | None:
-        return self.info.get("version")
 
 
 def resolve(uri: str, tracking_uri: str) -> dict[str, Any]:
@@ -225,6 +222,7 @@ class Inpainter:
     """A replica: the model, its settings, and counters of what it did."""
 
     def __init__(self) -> None:
+        runtime.configure_process()  # a replica is a process of its own: under `serve deploy`, nothing else does it
         self.settings: dict[str, Any] = {}
         self.served: Served | None = None
         self.stats = {"requests": 0, "refused": 0, "batches": 0, "largest_batch": 0, "reloads": 0}
@@ -268,11 +266,17 @@ class Inpainter:
                 except Exception as err:  # the registry away for a while: keep serving what is loaded
                     logger.warning("could not re-resolve %s: %s", self.settings["model"], err)
 
+    def process_settings(self) -> dict[str, str | None]:
+        """This replica's values of the process-wide settings (`runtime.ENVIRONMENT`), for a deployment handle
+        (`handle.process_settings.remote()`; no HTTP route): what a replica on a cluster really runs with."""
+        return {name: os.environ.get(name) for name in runtime.ENVIRONMENT}
+
     def check_health(self) -> None:
         if self.served is None:
             raise RuntimeError("no model loaded")
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    # the defaults until `reconfigure` applies the deployment's own
+    @serve.batch(max_batch_size=SETTINGS["max_batch_size"], batch_wait_timeout_s=SETTINGS["batch_wait_timeout_s"])
     async def fill_batch(self, items: list[tuple[np.ndarray, np.ndarray, str]]) -> list[tuple[np.ndarray, str]]:
         """The model's fills of requests that arrived together (those of one size go through it as one batch),
         each with the URI of the version that filled it."""

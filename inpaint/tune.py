@@ -34,7 +34,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
-from inpaint import runtime, storage, tracking
+from inpaint import runtime, storage, tables, tracking
 from inpaint.config import Config, load_config, with_values
 from inpaint.driver import (
     check_cluster_fits,
@@ -404,13 +404,7 @@ def results_table(
         scores = (format_metric(m, best[m]) for m in VAL_METRICS)
         name = trial.trial_id + (" (baseline)" if trial.values == baseline else "")
         rows.append([name, *values, f"{ran}/{epochs}{status}", minutes, *scores])
-    return markdown(header, rows)
-
-
-def markdown(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(map(len, column)) for column in zip(header, *rows, strict=True)]
-    lines = [header, ["-" * width for width in widths], *rows]
-    return "\n".join("| " + " | ".join(map(str.ljust, line, widths)) + " |" for line in lines)
+    return tables.markdown(header, rows)
 
 
 def parameter_importances(space: Space, reports: list[TrialReports], metric: str) -> dict[str, float]:
@@ -439,7 +433,7 @@ def parameter_importances(space: Space, reports: list[TrialReports], metric: str
 
 def importances_table(importances: dict[str, float], metric: str) -> str:
     rows = [[key, f"{share:.2f}"] for key, share in sorted(importances.items(), key=lambda item: -item[1])]
-    return markdown(["searched key", f"share of {metric}'s variation"], rows)
+    return tables.markdown(["searched key", f"share of {metric}'s variation"], rows)
 
 
 def trials_figure(reports: list[TrialReports], metric: str, title: str) -> Figure:

@@ -19,7 +19,7 @@ import time
 import ray
 from ray import serve
 
-from inpaint import tracking
+from inpaint import fill, tracking
 from inpaint.errors import UserError, cli_errors
 from inpaint.runtime import configure_process
 from inpaint.serve import DEFAULT_MODEL, SETTINGS, build_app, load_served, settings_from
@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     parser.add_argument("--replicas", type=int, default=1, help="model replicas, 1 CPU each (default 1)")
-    parser.add_argument("--mode", choices=["scaled", "full"], default=SETTINGS["mode"], help="default fill mode")
+    parser.add_argument("--mode", choices=fill.MODES, default=SETTINGS["mode"], help="default fill mode")
     parser.add_argument(
         "--max-batch-size", type=int, default=SETTINGS["max_batch_size"], help="dynamic batch size; 1 turns it off"
     )
