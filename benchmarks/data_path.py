@@ -1,7 +1,7 @@
 """Ray Data ingest with no model, against what one training step consumes, in one run.
 
 The ingest is the training path's without the model: `read_parquet` of the prepared train split,
-materialized (as `inpaint.train.read_datasets` does before the workers start), then per epoch a
+materialized (as `inpaint.driver.read_datasets` does before the workers start), then per epoch a
 `streaming_split` shard (what `ray.train.get_dataset_shard` hands a worker) through
 `iter_torch_batches` with the project's collate (`ImageBatches`: raw bytes → float images), fresh
 holes and the model input. Its images/s and CPU time per image are set against the images/s of one

@@ -14,3 +14,9 @@ def markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
             raise ValueError(f"a row of {len(row)} cells under a header of {len(header)}: {list(row)}")
     lines = ["| " + " | ".join(cells) + " |" for cells in (header, *rows)]
     return "\n".join([lines[0], "|" + "---|" * len(header), *lines[1:]])
+
+
+def aligned(rows: Sequence[tuple[str, str]]) -> str:
+    """`name  value` lines with the values in one column: what a job prints when it ends."""
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)

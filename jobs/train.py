@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from inpaint import tracking
+from inpaint import tables, tracking
 from inpaint.config import add_config_flags, flag_values, load_config
 from inpaint.driver import train
 from inpaint.errors import cli_errors
@@ -49,8 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         ("model", result.model_uri),
         ("open the UI", tracking.ui_command(uri)),
     ]
-    width = max(len(name) for name, _ in rows)
-    print("\n".join(f"{name:<{width}}  {value}" for name, value in rows))
+    print(tables.aligned(rows))
     if args.json:
         args.json.write_text(
             json.dumps({"run_id": result.run_id, "model_uri": result.model_uri, **result.metrics}, indent=2) + "\n"

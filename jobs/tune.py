@@ -14,7 +14,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from inpaint import tracking
+from inpaint import tables, tracking
 from inpaint.config import VAL_METRICS, add_config_flags, flag_values, load_config
 from inpaint.errors import UserError, cli_errors
 from inpaint.runtime import configure_process
@@ -81,8 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         ("model", result.model_uri),
         ("open the UI", tracking.ui_command(uri)),
     ]
-    width = max(len(name) for name, _ in rows)
-    print("\n".join(f"{name:<{width}}  {value}" for name, value in rows))
+    print(tables.aligned(rows))
     if args.json:
         summary = {
             "parent_run_id": result.parent_run_id,

@@ -15,6 +15,7 @@ from inpaint.metrics import (
     Metric,
     MetricTotals,
     all_reduce_sums,
+    best_so_far,
     composite,
     dice,
     format_metric,
@@ -172,3 +173,13 @@ def test_a_metric_added_to_the_table_is_scored_and_reported_by_name(monkeypatch)
     assert metric_mode("val_hole_share") == "min" and metric_mode("raw_val_hole_share") == "min"
     assert metric_mode("val_psnr_hole") == "max" and metric_mode("train_loss") == metric_mode("val_loss") == "min"
     assert format_metric("val_psnr_hole", 21.456) == "21.46" and format_metric("val_dice", 0.61234) == "0.6123"
+
+
+def test_best_so_far_keeps_the_best_epoch_by_the_registering_metric():
+    first = {"epoch": 1, "val_psnr_hole": 15.0, "val_l1_hole": 0.2, "train_loss": 0.3}
+    second = {"epoch": 2, "val_psnr_hole": 14.0, "val_l1_hole": 0.1, "train_loss": 0.2}
+    best = best_so_far(first, {}, "val_psnr_hole")
+    assert best == {"best_epoch": 1, "best_val_psnr_hole": 15.0, "best_val_l1_hole": 0.2}
+    assert best_so_far(second, best, "val_psnr_hole") == best  # a worse hole PSNR keeps epoch 1's
+    by_l1 = best_so_far(second, best_so_far(first, {}, "val_l1_hole"), "val_l1_hole")
+    assert by_l1["best_epoch"] == 2 and by_l1["best_val_psnr_hole"] == 14.0  # lower L1 is better

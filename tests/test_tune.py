@@ -218,7 +218,7 @@ def test_study_is_one_parent_run_with_a_child_per_trial(study):
 
     table = study["out"].split("best first:\n")[1]
     assert table.startswith("| trial ") and "train.lr" in table.splitlines()[0]
-    assert len([line for line in table.splitlines() if line.startswith("| ")]) == 2 + 3  # header, rule, trials
+    assert len([line for line in table.splitlines() if line.startswith("|")]) == 2 + 3  # header, rule, trials
 
 
 @pytest.mark.ray

@@ -21,12 +21,13 @@ from torch.nn.parallel import DistributedDataParallel
 from inpaint import tracking
 from inpaint.config import load_config
 from inpaint.masks import MaskConfig, random_masks
+from inpaint.metrics import VAL_METRICS
 from inpaint.models import build_model
 from inpaint.train import Worker, build_optimizer, log_epoch, sample_picture, train_step
 
 PIXELS = np.random.default_rng(0).integers(0, 256, size=(4, 32, 32, 3), dtype=np.uint8)
 INDEX = np.arange(4)
-METRICS = {"epoch": 1, "train_loss": 0.1, "val_psnr_hole": 15.0, "val_dice": 0.5, "val_ssim": 0.9, "images_per_s": 9.0}
+METRICS = {"epoch": 1, "train_loss": 0.1, **dict.fromkeys(VAL_METRICS, 0.5), "val_psnr_hole": 15.0, "images_per_s": 9.0}
 
 
 def loop_worker(rank: int, run_id: str, tracking_uri: str) -> Worker:
