@@ -11,6 +11,7 @@ log and register the best epoch's model (`finish_run`). `tune.py` uses the same 
 from __future__ import annotations
 
 import os
+import shlex
 import socket
 import time
 from collections.abc import Sequence
@@ -24,9 +25,9 @@ from ray.train.torch import TorchTrainer
 
 from inpaint import pictures, runtime, storage, tracking
 from inpaint.checkpoints import load_checkpoint_state, model_from_state
-from inpaint.config import Config, load_config, with_values
+from inpaint.config import Config, TrackingConfig, load_config, with_values
 from inpaint.data import is_prepared, prepare, read_manifest, read_split, split_files, to_float_images
-from inpaint.errors import RunFailed, UserError
+from inpaint.errors import RunFailed, RunStopped, UserError
 from inpaint.masks import apply_holes
 from inpaint.metrics import metric_mode
 from inpaint.models import model_input
@@ -217,6 +218,23 @@ def finish_run(
     return RunResult(run_id, run_name, model_uri, int(state["epoch"]), val_metrics, int(result.metrics["epoch"]))
 
 
+def resume_command(job: str, cfg: Config, *args: str) -> str:
+    """The command that goes on with a stopped run or study: `job` with `args`, and the flags that find its
+    MLflow run (the tracking URI and experiment, where they are not the defaults)."""
+    flags = list(args)
+    if cfg.tracking.tracking_uri:
+        flags += ["--tracking-uri", cfg.tracking.tracking_uri]
+    if cfg.tracking.experiment != TrackingConfig.experiment:
+        flags += ["--set", f"tracking.experiment={cfg.tracking.experiment}"]
+    return shlex.join(["python", job, *flags])
+
+
+def stopped_by_ctrl_c(err: BaseException) -> bool:
+    """Whether `fit()` ended this way because of a Ctrl-C: Ray Train's SIGINT handler aborts its controller,
+    then exits (SystemExit) or leaves `fit()` to find the controller gone (RayActorError)."""
+    return isinstance(err, KeyboardInterrupt | SystemExit | ray.exceptions.RayActorError)
+
+
 def failure_cause(err: ray.train.TrainingFailedError) -> str:
     """One line naming what failed: a worker that died (the others then fail on its closed connection),
     else the lowest rank's error, else the controller's."""
@@ -327,7 +345,13 @@ def train(
         tracking.set_tag(run_id, "failure", cause, tracking_uri=tracking_uri)
         tracking.end_run(run_id, "FAILED", tracking_uri=tracking_uri)
         raise RunFailed(f"run {run_name} failed ({cause}); fix the cause, then --resume {run_name}") from None
-    except BaseException:  # Ctrl-C, or the driver itself going down
+    except BaseException as err:  # Ctrl-C, or the driver itself going down
         tracking.end_run(run_id, "KILLED", tracking_uri=tracking_uri)
-        raise
+        if not stopped_by_ctrl_c(err):
+            raise
+        ray.shutdown()  # no more forwarded worker lines: the job's last line is its own
+        epochs = tracking.logged_steps(run_id, "val_loss", tracking_uri=tracking_uri)
+        done = f"after epoch {epochs[-1]} of {cfg.train.epochs}" if epochs else "before its first epoch ended"
+        command = resume_command("jobs/train.py", cfg, "--resume", run_name)
+        raise RunStopped(f"run {run_name} {done}; it is KILLED in MLflow; go on with: {command}") from None
     return finish_run(cfg, result, run_id, run_name, data, tracking_uri)

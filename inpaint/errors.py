@@ -1,4 +1,4 @@
-"""The two ways a job ends badly, and the one place that turns either into a line and an exit code."""
+"""The three ways a job ends early, and the one place that turns each into a line and an exit code."""
 
 from __future__ import annotations
 
@@ -19,8 +19,14 @@ class RunFailed(Exception):
     names the run and the cause; the MLflow run is already marked FAILED."""
 
 
+class RunStopped(Exception):
+    """Ctrl-C stopped a run or a study: the message names it, how far it got and the command that goes on
+    with it; its MLflow run is already marked KILLED."""
+
+
 def cli_errors(main: F) -> F:
-    """Run a job's `main`, printing a `UserError` (exit 2) or a `RunFailed` (exit 1) as one `error:` line on stderr."""
+    """Run a job's `main`, printing a `UserError` (exit 2) or a `RunFailed` (exit 1) as one `error:` line on
+    stderr, and a `RunStopped` as one `stopped:` line (exit 130, as a shell reports a Ctrl-C)."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -32,5 +38,8 @@ def cli_errors(main: F) -> F:
         except RunFailed as err:
             print(f"error: {err}", file=sys.stderr)
             raise SystemExit(1) from None
+        except RunStopped as err:
+            print(f"stopped: {err}", file=sys.stderr)
+            raise SystemExit(130) from None
 
     return wrapper  # type: ignore[return-value]

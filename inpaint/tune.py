@@ -44,11 +44,12 @@ from inpaint.driver import (
     make_trainer,
     prepare_data,
     read_datasets,
+    resume_command,
     storage_path,
     tag_data_rows,
     with_image_size,
 )
-from inpaint.errors import RunFailed, UserError
+from inpaint.errors import RunFailed, RunStopped, UserError
 from inpaint.metrics import VAL_METRICS, format_metric, metric_mode
 from inpaint.spaces import Space, check_space
 from inpaint.train import EPOCH_METRICS
@@ -216,14 +217,14 @@ def run_study(space: Space, cfg: Config, *, samples: int, resume: bool = False) 
         tuner = new_tuner(trainable, space, cfg, samples=samples, at_once=at_once, run_config=run_config)
     try:
         results, interrupted = fit_until_ctrl_c(tuner)
-    except BaseException:  # a second Ctrl-C
-        end_open_child_runs(study, "KILLED")
-        tracking.end_run(parent_run_id, "KILLED", tracking_uri=tracking_uri)
+    except BaseException as err:  # a second Ctrl-C, or the driver itself going down
+        stop_study_runs(study)
+        if isinstance(err, KeyboardInterrupt):
+            raise RunStopped(stopped_line(study, space)) from None
         raise
     if interrupted:
-        end_open_child_runs(study, "KILLED")  # their trials go on when the study resumes
-        tracking.end_run(parent_run_id, "KILLED", tracking_uri=tracking_uri)
-        raise KeyboardInterrupt
+        stop_study_runs(study)
+        raise RunStopped(stopped_line(study, space))
     reconcile_child_runs(study)  # those of trials a time budget or a killed driver stopped
     if all(result.metrics_dataframe is None or result.metrics_dataframe.empty for result in results):
         tracking.end_run(parent_run_id, "FAILED", tracking_uri=tracking_uri)
@@ -302,10 +303,24 @@ def open_parent_run(space: Space, cfg: Config, samples: int, name: str, tracking
     return run_id
 
 
-def end_open_child_runs(study: Study, status: str) -> None:
-    """End the child runs still RUNNING (an interrupted study's: KILLED until it resumes)."""
+def stop_study_runs(study: Study) -> None:
+    """An interrupted study's runs: the parent and the child runs still RUNNING end KILLED until it resumes;
+    Ray is left, so that no forwarded worker line follows the job's last one."""
+    ray.shutdown()
     for run_id in study.child_runs("RUNNING").values():
-        tracking.end_run(run_id, status, tracking_uri=study.tracking_uri)
+        tracking.end_run(run_id, "KILLED", tracking_uri=study.tracking_uri)
+    tracking.end_run(study.parent_run_id, "KILLED", tracking_uri=study.tracking_uri)
+
+
+def stopped_line(study: Study, space: Space) -> str:
+    """What a Ctrl-C left: the study, its trials finished and under way, and the command that goes on."""
+    finished, killed = len(study.child_runs("FINISHED")), len(study.child_runs("KILLED"))
+    args = ["--space", str(space.path), "--resume"]
+    args += ["--set", f"tracking.run_name={study.cfg.tracking.run_name}"] if study.cfg.tracking.run_name else []
+    return (
+        f"study {study.name} with {finished} trial(s) finished and {killed} under way; it is KILLED in MLflow; "
+        f"go on with: {resume_command('jobs/tune.py', study.cfg, *args)}"
+    )
 
 
 def reconcile_child_runs(study: Study) -> None:
@@ -353,7 +368,9 @@ def finish_study(study: Study, results: tune.ResultGrid, space: Space) -> StudyR
     tracking.log_picture(study.parent_run_id, figure, "trials.png", tracking_uri=uri)
     for key, value in {"best_run_id": best_run_id, "best_trial_id": trial_id, "best_model": model_uri}.items():
         tracking.set_tag(study.parent_run_id, key, value, tracking_uri=uri)
-    tracking.log_metrics(study.parent_run_id, val_metrics, step=int(state["epoch"]), tracking_uri=uri)
+    # the best trial's figures, as plain `val_*` and as the `best_*` columns every run carries (`metrics.best_so_far`)
+    best_columns = {"best_epoch": float(state["epoch"])} | {f"best_{key}": value for key, value in val_metrics.items()}
+    tracking.log_metrics(study.parent_run_id, val_metrics | best_columns, step=int(state["epoch"]), tracking_uri=uri)
     tracking.end_run(study.parent_run_id, "FINISHED", tracking_uri=uri)
     return StudyResult(
         study.name, study.parent_run_id, best_run_id, trial_id, best.config, val_metrics, model_uri, table, importances

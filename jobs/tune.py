@@ -62,10 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     # the file, then what the space fixes, then --set and the flags
     fixed = load_config(args.config, values=space.fixed).to_dict()
     cfg = load_config(None, args.set, base=fixed, values=flag_values(args, metric="train.best_metric"))
-    try:
-        result = run_study(space, cfg, samples=args.samples or space.samples or DEFAULT_SAMPLES, resume=args.resume)
-    except KeyboardInterrupt:
-        raise SystemExit("stopped: run the same command with --resume to go on with the study") from None
+    result = run_study(space, cfg, samples=args.samples or space.samples or DEFAULT_SAMPLES, resume=args.resume)
 
     uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
     print(f"\nstudy {result.name}, best first:\n{result.table}\n")

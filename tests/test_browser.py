@@ -1,11 +1,12 @@
-""" "Browse MLflow for the best Dice" as a person does it: a real headless Chromium (Debian's `chromium`)
+""" "Pick the best model in MLflow" as a person does it: a real headless Chromium (Debian's `chromium`)
 opens the MLflow server's experiment page, with the runs that the cluster tests submitted sorted by
-val_dice and that column shown, and the runs and their val_dice must be in what it renders.
+best_val_psnr_hole (the column the README names: each run's registered epoch) and that column shown, and
+the runs and their figures must be in what it renders, the study's `@best` run above its other trials.
 
 The MLflow UI is a React app: `--virtual-time-budget` lets it fetch and render the runs before Chromium
 dumps the DOM. The runs table shows a handful of columns until a person ticks more under "Columns";
-the test does what the UI's "Share" button does instead: it saves that view (sorted by val_dice, the
-column shown) as an experiment tag and opens the view's link.
+the test does what the UI's "Share" button does instead: it saves that view (sorted by
+best_val_psnr_hole, the column shown) as an experiment tag and opens the view's link.
 
 INPAINT_UPDATE_DOCS=1 also writes the screenshot to docs/mlflow-runs.png, which the README shows.
 """
@@ -30,7 +31,8 @@ from PIL import Image
 
 pytestmark = pytest.mark.ray
 
-VIEW = "best-dice"
+COLUMN = "best_val_psnr_hole"  # the README tells users to sort by it
+VIEW = "best-model"
 FLAGS = [
     "--headless",
     "--no-sandbox",
@@ -100,20 +102,20 @@ class RunsTable(HTMLParser):
         return [tuple(cells[column].strip() for column in columns) for _, cells in ordered]
 
 
-def test_best_dice_in_the_mlflow_ui(deployment, cluster_train_run, cluster_tune_study, tmp_path):
+def test_best_model_in_the_mlflow_ui(deployment, cluster_train_run, cluster_tune_study, tmp_path):
     uri = deployment.mlflow_up()  # (up again if tests/test_cluster.py's last test, run before, took it down)
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("inpaint")
-    runs = client.search_runs([experiment.experiment_id], "metrics.val_dice > 0")
-    assert runs, "no run with val_dice on the server"
+    runs = client.search_runs([experiment.experiment_id], "metrics.best_val_psnr_hole > 0")
+    assert runs, "no run with best_val_psnr_hole on the server"
     view = {
-        "orderByKey": "metrics.`val_dice`",
+        "orderByKey": f"metrics.`{COLUMN}`",
         "orderByAsc": False,
         "selectedColumns": [
             "attributes.`Models`",
-            "metrics.`val_dice`",
-            "metrics.`val_psnr_hole`",
-            "metrics.`val_ssim`",
+            f"metrics.`{COLUMN}`",
+            "metrics.`best_epoch`",
+            "metrics.`best_val_ssim`",
         ],
     }
     client.set_experiment_tag(experiment.experiment_id, f"mlflow.sharedViewState.{VIEW}", json.dumps(view))
@@ -124,13 +126,17 @@ def test_best_dice_in_the_mlflow_ui(deployment, cluster_train_run, cluster_tune_
         text = visible_text(dom)
         if all(run.info.run_name in text for run in runs):
             break
-    assert "Sort: val_dice" in text, text[:3000]
-    # the table, row by row: each run's name and its val_dice as the UI prints it, best Dice first
-    rows = RunsTable(dom).rows("attributes.`Run Name`", "metrics.`val_dice`")
-    expected = sorted((run.info.run_name, str(run.data.metrics["val_dice"])) for run in runs)
+    assert f"Sort: {COLUMN}" in text, text[:3000]
+    # the table, row by row: each run's name and its column as the UI prints it, best first
+    rows = RunsTable(dom).rows("attributes.`Run Name`", f"metrics.`{COLUMN}`")
+    expected = sorted((run.info.run_name, str(run.data.metrics[COLUMN])) for run in runs)
     assert sorted(rows) == expected, rows
-    dice = [float(value) for _, value in rows]
-    assert dice == sorted(dice, reverse=True), rows
+    scores = [float(value) for _, value in rows]
+    assert scores == sorted(scores, reverse=True), rows
+    # the study's @best run is the top one of its trials, as a person reading the table picks it
+    best = client.get_run(json.loads(cluster_tune_study["json"].read_text())["best_run_id"])
+    trials = [name for name, _ in rows if name.startswith("cluster-study-")]
+    assert trials and trials[0] == best.info.run_name, (rows, best.info.run_name)
 
     shot = tmp_path / "mlflow-runs.png"
     chromium(url, tmp_path / "profile-shot", f"--screenshot={shot}", "--window-size=1400,640", budget_ms=budget)

@@ -68,6 +68,9 @@ def test_two_worker_run_is_tracked_and_registered(tiny_data, tmp_path):
     assert ours["psnr_hole"] == pytest.approx(logged[epoch], abs=1e-3)
     assert result["val_psnr_hole"] == pytest.approx(logged[epoch], abs=1e-6)
     assert float(tags["val_psnr_hole"]) == pytest.approx(logged[epoch], abs=1e-3)
+    # the run's own columns, which the MLflow UI sorts by, name the epoch it registered and its figures
+    metrics = client.get_run(run.info.run_id).data.metrics
+    assert metrics["best_epoch"] == epoch and metrics["best_val_psnr_hole"] == pytest.approx(logged[epoch], abs=1e-6)
 
 
 def test_the_weights_moving_average_is_validated_and_registered_when_asked_for(tiny_data, tmp_path):
@@ -104,13 +107,20 @@ def test_stopped_run_resumes_and_logs_each_epoch_once(interruptible_data, tmp_pa
             os.killpg(proc.pid, signal.SIGINT)
             break
         assert time.monotonic() < deadline, "".join(lines)
-    proc.communicate(timeout=120)
-    assert proc.returncode != 0
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, out[-3000:]
 
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("inpaint").experiment_id])
     assert run.info.status == "KILLED"
-    assert 1 in metric_steps(client, run.info.run_id, "val_loss")
+    epochs = metric_steps(client, run.info.run_id, "val_loss")
+    assert 1 in epochs
+    # the job's last word: the run, its last epoch, KILLED, and the command that goes on
+    last = out.strip().splitlines()[-1]
+    assert last == (
+        f"stopped: run stopped after epoch {epochs[-1]} of 3; it is KILLED in MLflow; "
+        "go on with: python jobs/train.py --resume stopped"
+    ), out[-3000:]
 
     more = tmp_path / "more.yaml"
     more.write_text("train:\n  epochs: 4\n")  # --config applies on top of the run's saved config

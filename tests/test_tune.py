@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -243,6 +244,18 @@ def test_best_trial_is_registered_with_the_alias_best(study, tiny_data):
     assert version.run_id == result["best_run_id"]
     assert float(version.tags["val_psnr_hole"]) == pytest.approx(result["val_psnr_hole"], abs=1e-4)
     assert float(version.tags["val_dice"]) == pytest.approx(result["val_dice"], abs=1e-4)
+    # the MLflow UI's pick, the child runs sorted by the column the README names, is @best, and shows its epoch
+    (top, *_) = client.search_runs(
+        [client.get_run(result["parent_run_id"]).info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{result['parent_run_id']}'",
+        order_by=["metrics.best_val_psnr_hole DESC"],
+    )
+    assert top.info.run_id == version.run_id
+    assert int(top.data.metrics["best_epoch"]) == int(version.tags["epoch"])
+    for key in ("val_psnr_hole", "val_dice", "val_ssim", "val_l1_hole"):
+        assert top.data.metrics[f"best_{key}"] == pytest.approx(float(version.tags[key]), abs=1e-4), key
+    parent_metrics = client.get_run(result["parent_run_id"]).data.metrics
+    assert parent_metrics["best_val_psnr_hole"] == pytest.approx(result["val_psnr_hole"], abs=1e-6)
     mlflow.set_tracking_uri(study["uri"])
     model = mlflow.pytorch.load_model(result["model_uri"])
     with torch.no_grad():
@@ -286,6 +299,43 @@ def test_killed_study_resumes_without_running_finished_trials_again(tiny_data, t
     assert parent.info.status == "FINISHED" and parent.data.params["search"] == "optuna"
     assert (parent.data.tags["data.train_rows"], parent.data.tags["data.val_rows"]) == ("54", "6")  # --limit 60
     assert client.get_model_version_by_alias("inpaint-fused-unet", "best").run_id == result["best_run_id"]
+
+
+@pytest.mark.ray
+def test_ctrl_c_ends_the_study_with_one_line_whose_command_goes_on(tiny_data, tmp_path):
+    """Ctrl-C of a study once a trial has finished: exit 130, the runs KILLED, and a last line naming the study,
+    its trials and the `--resume` command, which then finishes the study."""
+    write(tmp_path, STUDY_SPACE)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    proc = run_job(study_args(tiny_data, "--limit", "60"), tmp_path, uri, job="tune.py", start_new_session=True)
+    client, deadline = MlflowClient(uri), time.monotonic() + 600
+    while not (client.get_experiment_by_name("inpaint") and client.search_runs(
+        [client.get_experiment_by_name("inpaint").experiment_id],
+        filter_string="tags.tune_trial_id != '' and attributes.status = 'FINISHED'",
+    )):  # fmt: skip
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)
+    out = proc.communicate(timeout=180)[0]
+    assert proc.returncode == 130, out[-3000:]
+    last = out.strip().splitlines()[-1]
+    finished = re.fullmatch(
+        r"stopped: study tune-space with (\d) trial\(s\) finished and (\d) under way; it is KILLED in MLflow; "
+        r"go on with: (python jobs/tune\.py --space space\.yaml --resume)",
+        last,
+    )
+    assert finished, out[-3000:]
+    (parent,) = client.search_runs([client.get_experiment_by_name("inpaint").experiment_id], "tags.space != ''")
+    assert parent.info.status == "KILLED"
+    children = children_of(client, parent.info.run_id)
+    statuses = sorted(child.info.status for child in children)
+    assert statuses.count("FINISHED") == int(finished[1]) >= 1 and statuses.count("KILLED") == int(finished[2])
+
+    command = shlex.split(finished[3])
+    assert command[:2] == ["python", "jobs/tune.py"]
+    finish(run_job(command[2:], tmp_path, uri, job="tune.py"), timeout=600)
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+    assert sorted(child.info.status for child in children_of(client, parent.info.run_id)) == ["FINISHED"] * 3
 
 
 @pytest.mark.ray
