@@ -111,9 +111,8 @@ def read_datasets(cfg: Config, data: str) -> dict[str, ray.data.Dataset]:
     with a node would be rebuilt by a read task, which waits forever for a CPU the workers hold."""
     here = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
     datasets = {}
-    _, filesystem = storage.ray_storage(data)  # else Ray makes an S3 filesystem of its own, without our timeouts
     for split, rows in zip(("train", "val"), limited_rows(cfg), strict=True):
-        dataset = ray.data.read_parquet(split_files(data, split), filesystem=filesystem, label_selector=here)
+        dataset = ray.data.read_parquet(split_files(data, split), label_selector=here)  # s3://...: Ray's pyarrow S3
         with storage.errors_explained(data, f"reading its {split} split"):
             datasets[split] = (dataset.limit(rows) if rows else dataset).materialize()
     return datasets
@@ -145,7 +144,6 @@ def make_trainer(
     of the workers' share, so the trial fits where its config fits.
     """
     manifest = read_manifest(data)
-    path, filesystem = storage.ray_storage(storage_path(cfg))
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -164,8 +162,7 @@ def make_trainer(
         ),
         run_config=ray.train.RunConfig(
             name=run_name,
-            storage_path=path,
-            storage_filesystem=filesystem,
+            storage_path=storage_path(cfg),
             callbacks=callbacks,
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(

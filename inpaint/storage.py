@@ -48,14 +48,6 @@ CHECK_TIMEOUTS = {
     "request_timeout": 3,
     "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=2),
 }
-# Data and checkpoints keep generous limits: S3 may think for many seconds before answering the end of a large
-# multipart upload. 3 attempts is what a pickled S3FileSystem (Ray's workers get one) comes back with, and the
-# standard strategy also retries S3's throttling and 5xx answers, which from_uri's connection-only one does not.
-TRANSFER_TIMEOUTS = {
-    "connect_timeout": 10,
-    "request_timeout": 30,
-    "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3),
-}
 
 
 def is_uri(path: str | os.PathLike) -> bool:
@@ -76,9 +68,9 @@ def bucket(uri: str) -> str:
     return urlsplit(uri).hostname or ""
 
 
-def filesystem(uri: str | os.PathLike, timeouts: dict[str, Any] = TRANSFER_TIMEOUTS) -> tuple[pafs.FileSystem, str]:
+def filesystem(uri: str | os.PathLike, timeouts: dict[str, Any] | None = None) -> tuple[pafs.FileSystem, str]:
     """The pyarrow filesystem and path of a URI (s3://, gs://, file://...); a plain path is local. An S3 one is
-    what `FileSystem.from_uri` makes of the URI and the AWS settings, with these `timeouts` (see above).
+    what `FileSystem.from_uri` makes of the URI and the AWS settings, with `timeouts` if given (CHECK_TIMEOUTS).
 
     Credentials in the URI (`s3://KEY:SECRET@bucket`) are refused: they would reach logs and MLflow params."""
     uri = str(uri)
@@ -96,20 +88,11 @@ def filesystem(uri: str | os.PathLike, timeouts: dict[str, Any] = TRANSFER_TIMEO
         raise explain(err, uri, "opening it") from None
     except pa.ArrowException as err:
         raise UserError(f"cannot open {uri} ({err}); pass a local path or a URI pyarrow supports") from None
-    if isinstance(fs, pafs.S3FileSystem):
+    if timeouts and isinstance(fs, pafs.S3FileSystem):
         # every option from_uri resolved (endpoint, region, credentials chain...), as pickling copies them
         options = fs.__reduce__()[1][0]
         fs = pafs.S3FileSystem(**options | timeouts)
     return fs, path.rstrip("/")
-
-
-def ray_storage(uri: str) -> tuple[str, pafs.FileSystem | None]:
-    """`(storage_path, storage_filesystem)` for Ray Train's and Tune's RunConfig, restore and Result: an object
-    store's path on `filesystem`'s filesystem (else Ray makes its own, without our timeouts); a local path as is."""
-    if not is_uri(uri):
-        return uri, None
-    fs, path = filesystem(uri)
-    return path, fs
 
 
 def explain(err: OSError, uri: str, doing: str) -> UserError:

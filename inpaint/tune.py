@@ -180,7 +180,7 @@ def run_study(space: Space, cfg: Config, *, samples: int, resume: bool = False) 
     cfg = with_image_size(cfg, data)
     storage_root = storage_path(cfg)
     folder = f"{storage_root.rstrip('/')}/{name}"
-    if resume and not tune.Tuner.can_restore(*storage.ray_storage(folder)):
+    if resume and not tune.Tuner.can_restore(folder):
         raise UserError(f"no Tune state of study {name!r} in {folder}: nothing to resume")
     connect_ray(cfg.scaling.address)
     at_once = trials_at_once(cfg)
@@ -204,17 +204,14 @@ def run_study(space: Space, cfg: Config, *, samples: int, resume: bool = False) 
         parent_run_id,
     )
     trainable = tune.with_resources(tune.with_parameters(run_trial, study=study), {"CPU": TRIAL_CPU})
-    root_path, filesystem = storage.ray_storage(storage_root)
     run_config = tune.RunConfig(
         name=name,
-        storage_path=root_path,
-        storage_filesystem=filesystem,
+        storage_path=storage_root,
         failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES),
         callbacks=[ChildRunCallback(tracking_uri, parent_run_id, cfg.train.epochs)],
     )
     if resume:
-        folder_path, filesystem = storage.ray_storage(folder)  # restored with its callbacks
-        tuner = tune.Tuner.restore(folder_path, trainable, resume_errored=True, storage_filesystem=filesystem)
+        tuner = tune.Tuner.restore(folder, trainable, resume_errored=True)  # with its callbacks
     else:
         tuner = new_tuner(trainable, space, cfg, samples=samples, at_once=at_once, run_config=run_config)
     try:
@@ -331,8 +328,7 @@ def finish_study(study: Study, results: tune.ResultGrid, space: Space) -> StudyR
     best = results.get_best_result(metric, mode, scope="all")  # the trial whose best epoch is best
     trial_id = best.metrics["trial_id"]
     # Tune holds the trials' reports; the checkpoints are Ray Train's, in each trial's own run folder.
-    path, filesystem = storage.ray_storage(f"{study.cfg.scaling.storage_path}/{study.trial_run_name(trial_id)}")
-    trial_run = ray.train.Result.from_path(path, storage_filesystem=filesystem)
+    trial_run = ray.train.Result.from_path(f"{study.cfg.scaling.storage_path}/{study.trial_run_name(trial_id)}")
     best_run_id = study.child_runs()[trial_id]
     best_cfg = with_values(study.cfg, best.config)
     version_uri, state = log_checkpoint_model(

@@ -483,11 +483,9 @@ def test_a_store_that_never_answers_is_reported_within_20_s(tmp_path):
         silent.close()
 
 
-def test_s3_filesystems_are_what_pyarrow_resolves_with_our_timeouts(monkeypatch):
+def test_the_checks_s3_filesystem_is_what_pyarrow_resolves_with_short_timeouts(monkeypatch):
     """The endpoint, region and credentials come from the URI and the AWS settings exactly as from_uri reads
-    them; only the timeouts and retries are ours, and they survive the pickling that takes them to Ray's workers."""
-    import pickle
-
+    them; only the check's timeouts are ours, and without them the filesystem is from_uri's own."""
     from inpaint import storage
 
     for name in [name for name in os.environ if name.startswith("AWS_")]:
@@ -497,15 +495,11 @@ def test_s3_filesystems_are_what_pyarrow_resolves_with_our_timeouts(monkeypatch)
     for uri in (f"s3://{BUCKET}/x", f"s3://{BUCKET}/x?region=eu-west-3&scheme=http"):
         resolved = pafs.FileSystem.from_uri(uri)[0].__reduce__()[1][0]
         assert resolved["endpoint_override"] == "http://127.0.0.1:2"
-        for timeouts in (storage.CHECK_TIMEOUTS, storage.TRANSFER_TIMEOUTS):
-            fs, path = storage.filesystem(uri, timeouts)
-            assert path == f"{BUCKET}/x"
-            for made in (fs, pickle.loads(pickle.dumps(fs))):
-                ours = {name: float(timeouts[name]) for name in ("connect_timeout", "request_timeout")}
-                assert made.__reduce__()[1][0] == resolved | ours
-    path, fs = storage.ray_storage(f"s3://{BUCKET}/ckpt")
-    assert path == f"{BUCKET}/ckpt" and fs.__reduce__()[1][0]["request_timeout"] == 30
-    assert storage.ray_storage("/abs/runs") == ("/abs/runs", None)  # Ray resolves local paths itself
+        fs, path = storage.filesystem(uri, storage.CHECK_TIMEOUTS)
+        assert path == f"{BUCKET}/x"
+        ours = {name: float(storage.CHECK_TIMEOUTS[name]) for name in ("connect_timeout", "request_timeout")}
+        assert fs.__reduce__()[1][0] == resolved | ours
+        assert storage.filesystem(uri)[0].__reduce__()[1][0] == resolved
 
 
 # ---------------------------------------------------------------------------------------------
