@@ -16,6 +16,7 @@ import os
 import re
 import sys
 from collections.abc import Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import pyarrow as pa
@@ -37,6 +38,17 @@ DENIED = re.compile(
 NO_BUCKET = re.compile(r"NO_SUCH_BUCKET|NoSuchBucket|bucket does not exist", re.IGNORECASE)
 CREDENTIALS = "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or the profile in ~/.aws)"
 
+# How long S3 requests may take. On Linux the AWS SDK hands request_timeout to curl as a stall limit: a request is
+# cut once under 1 byte/s has moved for that long, however long the whole transfer takes, so a big checkpoint that
+# keeps moving is never cut. As `FileSystem.from_uri` leaves them (a 3 s stall, and a connection error, which a stall
+# is, retried every 0.2 s for 6 s), an endpoint that accepts connections but never answers took 100 s to report.
+# The pre-flight check asks one HEAD, which a usable store answers at once: 3 s stalls, 2 attempts, about 7 s in all.
+CHECK_TIMEOUTS = {
+    "connect_timeout": 3,
+    "request_timeout": 3,
+    "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=2),
+}
+
 
 def is_uri(path: str | os.PathLike) -> bool:
     """Whether `path` names an object store (or any pyarrow URI) rather than a local folder."""
@@ -56,8 +68,9 @@ def bucket(uri: str) -> str:
     return urlsplit(uri).hostname or ""
 
 
-def filesystem(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow filesystem and path of a URI (s3://, gs://, file://...); a plain path is local.
+def filesystem(uri: str | os.PathLike, timeouts: dict[str, Any] | None = None) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem and path of a URI (s3://, gs://, file://...); a plain path is local. An S3 one is
+    what `FileSystem.from_uri` makes of the URI and the AWS settings, with `timeouts` if given (CHECK_TIMEOUTS).
 
     Credentials in the URI (`s3://KEY:SECRET@bucket`) are refused: they would reach logs and MLflow params."""
     uri = str(uri)
@@ -75,6 +88,10 @@ def filesystem(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
         raise explain(err, uri, "opening it") from None
     except pa.ArrowException as err:
         raise UserError(f"cannot open {uri} ({err}); pass a local path or a URI pyarrow supports") from None
+    if timeouts and isinstance(fs, pafs.S3FileSystem):
+        # every option from_uri resolved (endpoint, region, credentials chain...), as pickling copies them
+        options = fs.__reduce__()[1][0]
+        fs = pafs.S3FileSystem(**options | timeouts)
     return fs, path.rstrip("/")
 
 
@@ -102,7 +119,7 @@ def check_bucket(uri: str | os.PathLike, doing: str) -> None:
     uri = str(uri)
     if not is_uri(uri) or uri.startswith("file://"):
         return
-    fs, path = filesystem(uri)
+    fs, path = filesystem(uri, CHECK_TIMEOUTS)
     try:
         info = fs.get_file_info(path.split("/")[0])
     except OSError as err:

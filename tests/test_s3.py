@@ -421,6 +421,87 @@ def test_a_store_lost_mid_prepare_leaves_no_manifest_and_the_next_run_redoes_it(
     assert s3.read_json("midway/manifest.json")["splits"] == {"train": 640, "val": 32, "test": 8}
 
 
+class Silent:
+    """A store that hangs: a TCP listener that accepts every connection and never answers; `asked` is set
+    once the first connection comes."""
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.asked = threading.Event()
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            self.sockets.append(client)  # held open, never read: the request waits for an answer
+            self.asked.set()
+
+    def close(self) -> None:
+        for sock in [self.listener, *self.sockets]:
+            sock.close()
+
+
+def test_a_store_that_never_answers_is_reported_within_20_s(tmp_path):
+    """From its first connection to the store, the check (and a job's pre-flight check of its data) exits with
+    the one-line error in 20 s; pyarrow's S3 defaults took 100 s. The clock starts at that connection, not at
+    the command, so that imports on a busy machine do not count against the store's bound."""
+    silent = Silent()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "RAY_ADDRESS"}
+    env |= {
+        "AWS_ENDPOINT_URL": silent.endpoint,
+        "AWS_ACCESS_KEY_ID": "hanging",
+        "AWS_SECRET_ACCESS_KEY": "hanging",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
+        "PYTHONPATH": str(REPO),  # this checkout's inpaint, whichever one the environment installed
+    }
+    commands = {
+        "checking it": [sys.executable, "-m", "inpaint.storage", "check", f"s3://{BUCKET}/prefix"],
+        "reading the data": [sys.executable, str(REPO / "jobs" / "train.py"), "--data", f"s3://{BUCKET}/tiny"],
+    }
+    try:
+        for doing, command in commands.items():
+            silent.asked.clear()
+            proc = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True)  # fmt: skip
+            try:
+                assert silent.asked.wait(timeout=300), "the command never asked the store"
+                stdout, stderr = proc.communicate(timeout=20)
+            finally:
+                proc.kill()
+                proc.wait()
+            line = one_error_line(subprocess.CompletedProcess(command, proc.returncode, stdout, stderr))
+            assert f"cannot reach the object store at {silent.endpoint} for bucket 'inpaint' while {doing}" in line
+            assert "point AWS_ENDPOINT_URL at a reachable one" in line, line
+    finally:
+        silent.close()
+
+
+def test_the_checks_s3_filesystem_is_what_pyarrow_resolves_with_short_timeouts(monkeypatch):
+    """The endpoint, region and credentials come from the URI and the AWS settings exactly as from_uri reads
+    them; only the check's timeouts are ours, and without them the filesystem is from_uri's own."""
+    from inpaint import storage
+
+    for name in [name for name in os.environ if name.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:2")  # the S3 one wins, in pyarrow and here
+    for uri in (f"s3://{BUCKET}/x", f"s3://{BUCKET}/x?region=eu-west-3&scheme=http"):
+        resolved = pafs.FileSystem.from_uri(uri)[0].__reduce__()[1][0]
+        assert resolved["endpoint_override"] == "http://127.0.0.1:2"
+        fs, path = storage.filesystem(uri, storage.CHECK_TIMEOUTS)
+        assert path == f"{BUCKET}/x"
+        ours = {name: float(storage.CHECK_TIMEOUTS[name]) for name in ("connect_timeout", "request_timeout")}
+        assert fs.__reduce__()[1][0] == resolved | ours
+        assert storage.filesystem(uri)[0].__reduce__()[1][0] == resolved
+
+
 # ---------------------------------------------------------------------------------------------
 # The cluster path: nodes in their own network namespaces, no folder shared
 
