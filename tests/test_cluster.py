@@ -10,13 +10,19 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
+import requests
 import torch
 from helpers import REPO
 from mlflow import MlflowClient
+
+from inpaint import fill
+from inpaint.evaluate import load_model
 
 pytestmark = pytest.mark.ray
 
@@ -126,6 +132,43 @@ def test_tune_study_runs_on_the_cluster_and_lands_in_mlflow(deployment, cluster_
     name = result["model_uri"].removeprefix("models:/").split("@")[0]
     best = client.get_model_version_by_alias(name, "best")
     assert best.run_id == result["best_run_id"]
+
+
+def test_serve_deploy_serves_the_version_best_names_from_the_mlflow_server(
+    deployment, cluster_train_run, cluster_tune_study, tmp_path
+):
+    """deploy/serve-config.yaml through `serve deploy` on the two-node cluster, its model `models:/NAME@best`
+    read from the cluster's MLflow server. `@best` is moved to the train job's version, neither the latest nor
+    the study's pick, so a replica serving either is caught; the fill must be that version's."""
+    from test_serve import close, decoded, picture, png, post, rectangle, serve_deploy
+
+    assert cluster_train_run["status"] == cluster_tune_study["status"] == "SUCCEEDED"  # (their own tests say why not)
+    client = MlflowClient(deployment.tracking_uri)
+    name, version = json.loads(cluster_train_run["json"].read_text())["model_uri"].removeprefix("models:/").split("/")
+    study_best = str(client.get_model_version_by_alias(name, "best").version)
+    latest = max(int(found.version) for found in client.search_model_versions(f"name = '{name}'"))
+    assert version not in (study_best, str(latest)), (version, study_best, latest)
+    client.set_registered_model_alias(name, "best", version)
+    served = {"model": f"models:/{name}@best", "tracking_uri": deployment.tracking_uri}
+    try:
+        url = serve_deploy(deployment, served, tmp_path)
+        model = requests.get(f"{url}/model", timeout=30).json()
+        assert (model["name"], model["version"], model["alias"]) == (name, version, "best"), model
+        assert model["run_id"] == client.get_model_version(name, version).run_id
+        image, hole = picture(32, 32), rectangle(32, 32, 8, 6, 12, 14)
+        response = post(url, png(image), png(hole.astype(np.uint8) * 255))
+        filled = decoded(response)
+        assert response.headers["X-Model-Version"] == f"models:/{name}/{version}"
+        np.testing.assert_array_equal(filled[~hole], image[~hole])
+        ours, theirs = (load_model(f"models:/{name}/{v}", deployment.tracking_uri) for v in (version, study_best))
+        assert close(filled, fill.inpaint_image(ours, image, hole, mode="scaled"))
+        assert not close(filled, fill.inpaint_image(theirs, image, hole, mode="scaled"))  # they can be told apart
+    finally:
+        client.set_registered_model_alias(name, "best", study_best)  # as the study left it
+        subprocess.run(
+            [str(Path(sys.executable).parent / "serve"), "shutdown", "--address", deployment.dashboard, "-y"],
+            env=deployment.env, capture_output=True, timeout=120,
+        )  # fmt: skip
 
 
 def test_a_job_submitted_without_mlflow_fails_in_one_line(deployment):

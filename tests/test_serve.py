@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
+import http.client
 import io
 import json
 import os
@@ -322,6 +323,30 @@ def test_bad_input_gets_one_clear_4xx_and_the_server_goes_on(server, case):
     assert requests.get(f"{server.url}/healthz", timeout=10).json()["status"] == "ok"
 
 
+@pytest.mark.ray
+def test_a_streamed_body_over_the_byte_limit_is_refused_before_it_ends(server):
+    """A chunked body (no Content-Length) past the limit, whose last chunk is never sent: the answer must come
+    while the body is still unfinished, so the server stopped reading at the limit rather than waiting for it all."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    try:
+        connection.putrequest("POST", "/inpaint")
+        connection.putheader("Content-Type", "multipart/form-data; boundary=b")
+        connection.putheader("Transfer-Encoding", "chunked")
+        connection.endheaders()
+        chunk = os.urandom(2**14)
+        for _ in range(MAX_BODY // len(chunk) + 2):  # past the limit; no terminating `0` chunk follows
+            connection.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        response = connection.getresponse()  # a server reading the whole body first never answers: timeout
+        status, body = response.status, json.loads(response.read())
+    finally:
+        connection.close()
+    assert status == 413, body
+    assert list(body) == ["error"] and f"over the limit of {MAX_BODY} bytes" in body["error"], body
+    assert "\n" not in body["error"]
+    good = post(server.url, png(picture(16, 16)), png(rectangle(16, 16, 4, 4, 6, 6).astype(np.uint8) * 255))
+    assert good.status_code == 200
+
+
 def test_a_model_uri_that_does_not_load_stops_at_start_naming_it(registry, tmp_path):
     proc = start_server(["--model", "models:/tiny@nonesuch", "--port", str(free_port())], tmp_path, registry.uri)
     out, _ = proc.communicate(timeout=120)
@@ -548,33 +573,40 @@ def bare_cluster(tmp_path_factory):
         deploy.down()
 
 
-@pytest.mark.ray
-def test_replicas_deployed_on_a_ray_start_cluster_run_with_the_process_settings(bare_cluster, trained, tmp_path):
-    """deploy/serve-config.yaml, pointed at the tiny model, through `serve deploy`; then a driver on the cluster
-    asks the replica, through a deployment handle, what its process runs with."""
+def serve_deploy(cluster, user_config: dict, folder: Path) -> str:
+    """deploy/serve-config.yaml, its `user_config` updated and on a free port, through `serve deploy` on
+    `cluster` (a conftest.Deployment) as a user runs it; its URL once /healthz answers there."""
     config = yaml.safe_load((REPO / "deploy" / "serve-config.yaml").read_text())
     port = free_port()
     config["http_options"]["port"] = port
     (deployment,) = config["applications"][0]["deployments"]
-    deployment["user_config"] |= {"model": "models:/tiny/1", "tracking_uri": trained.tracking_uri}
-    (tmp_path / "serve-config.yaml").write_text(yaml.safe_dump(config))
-    serve_cli, env = str(Path(sys.executable).parent / "serve"), bare_cluster.env
+    deployment["user_config"] |= user_config
+    (folder / "serve-config.yaml").write_text(yaml.safe_dump(config))
     deployed = subprocess.run(
-        [serve_cli, "deploy", str(tmp_path / "serve-config.yaml"), "--address", bare_cluster.dashboard],
-        env=env, capture_output=True, text=True, timeout=120,
+        [str(Path(sys.executable).parent / "serve"), "deploy", str(folder / "serve-config.yaml")]
+        + ["--address", cluster.dashboard],
+        env=cluster.env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
-    deadline = time.monotonic() + 180
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 180
     while True:
         try:
-            if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200:
-                break
+            if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
+                return url
         except requests.RequestException:  # the proxy or the replica not up yet
             pass
         assert time.monotonic() < deadline, "no /healthz in 180 s after serve deploy"
         time.sleep(1)
+
+
+@pytest.mark.ray
+def test_replicas_deployed_on_a_ray_start_cluster_run_with_the_process_settings(bare_cluster, trained, tmp_path):
+    """deploy/serve-config.yaml, pointed at the tiny model, through `serve deploy`; then a driver on the cluster
+    asks the replica, through a deployment handle, what its process runs with."""
+    serve_deploy(bare_cluster, {"model": "models:/tiny/1", "tracking_uri": trained.tracking_uri}, tmp_path)
     ask = "import json, ray; from ray import serve; ray.init(); "
     ask += "print(json.dumps(serve.get_app_handle('inpaint').process_settings.remote().result()))"
+    env = bare_cluster.env
     asked = subprocess.run([sys.executable, "-c", ask], env=env, capture_output=True, text=True, timeout=120)
     assert asked.returncode == 0, asked.stdout + asked.stderr
     assert json.loads(asked.stdout.strip().splitlines()[-1]) == ENVIRONMENT
