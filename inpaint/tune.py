@@ -16,14 +16,18 @@ the end the driver registers the best trial's best epoch with the alias `best` (
 from __future__ import annotations
 
 import copy
+import fnmatch
 import functools
+import json
 import os
+import pickle
 import signal
 import threading
 from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
+import pyarrow.fs as pafs
 import ray
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -94,17 +98,32 @@ def run_trial(values: dict[str, Any], study: Study) -> None:
     trial_id = tune.get_context().get_trial_id()
     cfg = with_values(study.cfg, values)
     run_name = study.trial_run_name(trial_id)
+    finished = trial_id in study.child_runs("FINISHED")  # Tune ended it (ChildRunCallback), maybe ASHA stopped it
     run_id = tracking.start_run(
         study.tracking_uri, cfg.tracking.experiment, run_name, cfg.to_dict(),
         tags={TRIAL_TAG: trial_id}, parent_run_id=study.parent_run_id,
         run_id=study.child_runs().get(trial_id),  # the run it had before Tune restarted or resumed it
     )  # fmt: skip
+    if (last := last_report(cfg, run_name)) and (finished or last["epoch"] >= cfg.train.epochs):
+        # run again by a Tune restored from an older state, which has an older report of it or none, and a
+        # TorchTrainer would train on (ASHA's rungs are lost) or, with no epoch left, report nothing
+        print(f"trial {trial_id} had finished: its last report goes to Tune again", flush=True)
+        tune.report(last)
+        return
     print(f"trial {trial_id}: {values}  MLflow run {run_id}", flush=True)
     trainer = make_trainer(
         cfg, study.data, run_name, run_id, study.tracking_uri, study.datasets,
         callbacks=[TuneReportCallback()], reserved_cpus=TRIAL_CPU,
     )  # fmt: skip
     trainer.fit()  # ChildRunCallback ends the run when Tune ends the trial
+
+
+def last_report(cfg: Config, run_name: str) -> dict[str, Any] | None:
+    """What the run's TorchTrainer last reported with a checkpoint (as TuneReportCallback passes it to Tune), if any."""
+    try:
+        return ray.train.Result.from_path(f"{storage_path(cfg)}/{run_name}").metrics or None
+    except RuntimeError:  # Ray Train's words for "no such run" and "no checkpoint snapshot in it yet"
+        return None
 
 
 class ChildRunCallback(tune.Callback):
@@ -212,6 +231,7 @@ def run_study(space: Space, cfg: Config, *, samples: int, resume: bool = False) 
         callbacks=[ChildRunCallback(tracking_uri, parent_run_id, cfg.train.epochs)],
     )
     if resume:
+        print(restored_summary(study, folder), flush=True)
         tuner = tune.Tuner.restore(folder, trainable, resume_errored=True)  # with its callbacks
     else:
         tuner = new_tuner(trainable, space, cfg, samples=samples, at_once=at_once, run_config=run_config)
@@ -303,6 +323,35 @@ def open_parent_run(space: Space, cfg: Config, samples: int, name: str, tracking
     return run_id
 
 
+def saved_state(folder: str) -> tuple[dict[str, str], list[Any] | None]:
+    """Trial id → Tune status in the newest Tune state of the study in `folder`, and its Optuna study's FrozenTrials
+    (None for a random search): what `Tuner.restore` reads. Tune writes both together, 10 s or more apart."""
+    fs, path = storage.filesystem(folder)
+    names = [info.base_name for info in fs.get_file_info(pafs.FileSelector(path))]
+
+    def newest(pattern: str) -> bytes | None:
+        matching = fnmatch.filter(names, pattern)
+        return fs.open_input_stream(f"{path}/{max(matching)}").readall() if matching else None
+
+    trials = json.loads(newest("experiment_state-*.json"))["trial_data"]
+    statuses = {state["trial_id"]: state["status"] for state in (json.loads(trial) for trial, _ in trials)}
+    searcher = newest("searcher-state-*.pkl")  # OptunaSearch pickles its attributes, its Optuna study among them
+    return statuses, pickle.loads(searcher)["_ot_study"].trials if searcher else None
+
+
+def restored_summary(study: Study, folder: str) -> str:
+    """What `--resume` goes on from; trials that finished after Tune's last save have their runs FINISHED."""
+    statuses, optuna_trials = saved_state(folder)
+    finished = [trial for trial, status in statuses.items() if status == Trial.TERMINATED]
+    late = [trial for trial in study.child_runs("FINISHED") if trial in statuses and trial not in finished]
+    line = (
+        f"restored study {study.name}: {len(finished)} trial(s) finished, {len(statuses) - len(finished)} go on "
+        f"({len(late)} of them finished after Tune's last save: their last reports go to Tune again)"
+    )
+    told = sum(trial.state.name == "COMPLETE" for trial in optuna_trials or [])
+    return line + (f"; Optuna knows {told} finished trial(s)" if optuna_trials is not None else "")
+
+
 def stop_study_runs(study: Study) -> None:
     """An interrupted study's runs: the parent and the child runs still RUNNING end KILLED until it resumes;
     Ray is left, so that no forwarded worker line follows the job's last one."""
@@ -392,7 +441,8 @@ class TrialReports:
 
 
 def trial_reports(results: tune.ResultGrid) -> list[TrialReports]:
-    """Every trial that reported an epoch: the last report of each epoch (a restarted trial reports some twice)."""
+    """Every trial that reported an epoch: the last report of each epoch (a restarted trial reports some twice,
+    one that finished under a killed driver before Tune saved that may hold its last epoch's report alone)."""
     return [
         TrialReports(
             result.metrics["trial_id"],
@@ -435,7 +485,7 @@ def parameter_importances(space: Space, reports: list[TrialReports], metric: str
     direction = "maximize" if metric_mode(metric) == "max" else "minimize"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction=direction)
-    for trial in reports:
+    for trial in (trial for trial in reports if (trial.epochs["epoch"] == reached).any()):  # see trial_reports
         at = trial.epochs.loc[trial.epochs["epoch"] == reached, metric]
         params = {key: trial.values[key] for key in distributions}
         params = {k: v if isinstance(v, int | float | str) else str(v) for k, v in params.items()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shlex
 import signal
@@ -24,7 +25,7 @@ from mlflow import MlflowClient
 from inpaint.config import load_config
 from inpaint.errors import UserError
 from inpaint.spaces import Search, Space, check_space, load_space
-from inpaint.tune import TrialReports, parameter_importances
+from inpaint.tune import TrialReports, parameter_importances, saved_state
 
 # Small networks for 2 epochs, three trials. The third barely learns (lr 1e-7): whichever of the
 # first two reports first, its first epoch falls below ASHA's cutoff, so it is stopped early.
@@ -264,32 +265,51 @@ def test_best_trial_is_registered_with_the_alias_best(study, tiny_data):
 
 @pytest.mark.ray
 def test_killed_study_resumes_without_running_finished_trials_again(tiny_data, tmp_path):
-    """An Optuna study's driver (and the local Ray it started) killed with SIGKILL once a trial has finished
-    and Tune has saved its state: `--resume` finishes the study, running no finished trial again."""
+    """An Optuna study's driver (and the local Ray it started) killed with SIGKILL just as a trial finishes, before
+    Tune saves that (it saves its state and the searcher's 10 s or more apart): `--resume` says what it restored
+    and finishes the study, training no finished trial again, and Optuna's study ends holding every trial with
+    the value of its last report."""
     write(tmp_path, OPTUNA_SPACE)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     args = study_args(tiny_data, "--samples", "4", "--limit", "60")  # 4 trials: still going when it is killed
     proc = run_job(args, tmp_path, uri, job="tune.py", start_new_session=True)
-    client, finished, deadline = MlflowClient(uri), [], time.monotonic() + 300
-    while not finished:
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
-        time.sleep(1)
-        if client.get_experiment_by_name("inpaint"):
-            finished = client.search_runs(
-                [client.get_experiment_by_name("inpaint").experiment_id],
-                filter_string="tags.tune_trial_id != '' and attributes.status = 'FINISHED'",
-            )
-    seen_finished = time.time()
+    client, deadline = MlflowClient(uri), time.monotonic() + 400
+
+    def finished_trials() -> set[str]:  # by MLflow: ChildRunCallback ends a trial's run as Tune ends the trial
+        if time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)  # its output, below, says how far it got
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        time.sleep(0.2)
+        experiment = client.get_experiment_by_name("inpaint")
+        filter_string = "tags.tune_trial_id != '' and attributes.status = 'FINISHED'"
+        runs = client.search_runs([experiment.experiment_id], filter_string) if experiment else []
+        return {run.data.tags["tune_trial_id"] for run in runs}
+
+    def saved_statuses() -> dict[str, str]:  # trial → status, in the newest state Tune saved
+        if not any(states.glob("experiment_state-*.json")):
+            return {}
+        try:
+            return saved_state(str(states))[0]
+        except (ValueError, EOFError, pickle.UnpicklingError):  # being copied there
+            return {}
+
+    def finished_unsaved() -> set[str]:  # finished by MLflow, under way in the state Tune saved last
+        finished, statuses = finished_trials(), saved_statuses()
+        return {trial for trial in finished if statuses.get(trial, "TERMINATED") != "TERMINATED"}
+
     states = tmp_path / "runs" / "tune-space"
-    while not any(state.stat().st_mtime > seen_finished for state in states.glob("experiment_state-*.json")):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
-        time.sleep(0.5)
+    while not (late := finished_unsaved()):
+        pass
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
-    done = {run.data.tags["tune_trial_id"] for run in finished}
+    saved = {trial for trial, status in saved_statuses().items() if status == "TERMINATED"}
+    assert not late & saved, "Tune saved the trial's end in the moment before the kill: run the test again"
 
     out = finish(run_job([*args, "--resume", "--json", "best.json"], tmp_path, uri, job="tune.py"), timeout=600)
-    assert not any(f"trial {trial_id}:" in out for trial_id in done), out[-3000:]  # finished: not run again
+    restored = r"^restored study tune-space: \d trial\(s\) finished, \d go on \(\d of them finished after Tune's last "
+    assert re.search(restored + r"save: .*\); Optuna knows \d finished trial\(s\)$", out, re.M), out[-3000:]
+    assert all(f"trial {trial_id} had finished: its last report goes to Tune again" in out for trial_id in late)
+    assert not any(f"trial {trial_id}:" in out for trial_id in saved | late), out[-3000:]  # not trained again
     result = json.loads((tmp_path / "best.json").read_text())
     children = children_of(client, result["parent_run_id"])
     assert len(children) == 4 and all(child.info.status == "FINISHED" for child in children), children
@@ -299,6 +319,15 @@ def test_killed_study_resumes_without_running_finished_trials_again(tiny_data, t
     assert parent.info.status == "FINISHED" and parent.data.params["search"] == "optuna"
     assert (parent.data.tags["data.train_rows"], parent.data.tags["data.val_rows"]) == ("54", "6")  # --limit 60
     assert client.get_model_version_by_alias("inpaint-fused-unet", "best").run_id == result["best_run_id"]
+
+    # The searcher learnt every trial's last report: a trial that trained both epochs, its epoch-2 value.
+    _, optuna_trials = saved_state(str(states))
+    told = {trial.params["train.lr"]: trial.value for trial in optuna_trials}
+    assert len(told) == 4 and None not in told.values(), optuna_trials
+    for child in children:
+        if child.data.tags["stopped_early"] == "false":
+            last = max(client.get_metric_history(child.info.run_id, "val_psnr_hole"), key=lambda m: m.step)
+            assert told[float(child.data.params["train.lr"])] == pytest.approx(last.value, abs=1e-4), optuna_trials
 
 
 @pytest.mark.ray
