@@ -255,19 +255,27 @@ def new_tuner(
             metric=cfg.train.best_metric,
             mode=metric_mode(cfg.train.best_metric),
             search_alg=search_alg,
-            scheduler=ASHAScheduler(
-                time_attr="epoch",
-                max_t=cfg.train.epochs,
-                grace_period=1,  # every trial trains an epoch, then only the better ones go on
-                stop_last_trials=False,  # a trial that trained every epoch ends by itself, cleanly
-            )
-            if space.early_stopping
-            else None,  # FIFO: every trial runs to the end
+            scheduler=asha(space, cfg),
             num_samples=samples,
             max_concurrent_trials=limit,
             time_budget_s=space.time_budget_minutes * 60 if space.time_budget_minutes else None,
         ),
         run_config=run_config,
+    )
+
+
+def asha(space: Space, cfg: Config) -> ASHAScheduler | None:
+    """ASHA on the space's clock (`Space.asha_rungs`): at equal epochs, or at equal training minutes, where a
+    trial twice as slow is judged at half the epochs; None (FIFO: every trial runs to the end) without
+    early stopping."""
+    if not space.early_stopping:
+        return None
+    clock, first_rung, last_rung = space.asha_rungs(cfg.train.epochs)
+    return ASHAScheduler(
+        time_attr=clock,
+        max_t=last_rung,
+        grace_period=first_rung,  # every trial trains this long, then only the better ones go on
+        stop_last_trials=False,  # a trial that trained every epoch ends by itself, cleanly
     )
 
 
@@ -296,6 +304,8 @@ def open_parent_run(space: Space, cfg: Config, samples: int, name: str, tracking
     searched = {f"search.{key}": search for key, search in space.searched.items()}
     study = {"samples": samples, "search": space.search, "early_stopping": str(space.early_stopping).lower()}
     study |= {"time_budget_minutes": space.time_budget_minutes} if space.time_budget_minutes else {}
+    study |= {"asha_time_attr": space.asha_time_attr}
+    study |= {"asha_grace_minutes": space.asha_grace_minutes} if space.asha_grace_minutes else {}
     study |= {"baseline": str(space.baseline).lower()}
     tracking.log_params(run_id, searched | study, tracking_uri=tracking_uri)
     tracking.log_file(run_id, str(space.path), tracking_uri=tracking_uri)
