@@ -10,13 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from mlflow import MlflowClient
 from torch.export import Dim
 
+from inpaint import tracking
 from inpaint.checkpoints import load_checkpoint_state, model_from_state
 from inpaint.config import Config, from_dict, load_config
 from inpaint.metrics import reconstruction_loss
 from inpaint.models import LEGACY_MODEL, ModelConfig, build_model, count_parameters, forward_backward_flops, model_input
 from inpaint.models.blocks import ACTIVATIONS, BLOCKS, DOWNSAMPLINGS, NORMS, UPSAMPLINGS
+from inpaint.train import log_cost
 
 ROOT = Path(__file__).parents[1]
 BASELINE = Path(__file__).parent / "fixtures" / "baseline"
@@ -179,3 +182,17 @@ def test_training_flops_per_image_grow_with_the_width_and_leave_the_model_alone(
     assert all(torch.equal(state[key], value) for key, value in narrow.state_dict().items())
     assert torch.equal(rng, torch.get_rng_state())  # the workers' random streams stay in step
     assert count_parameters(wide) > count_parameters(narrow)
+
+
+def test_a_run_logs_its_cost_once_at_step_0(tmp_path):
+    """What the rank-0 worker logs at the start of a run (and again, as a no-op, after every restart)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = tracking.start_run(uri, "inpaint", "cost", {})
+    model = build_model(ModelConfig(widths=[8, 16, 32], mixer_dim=16))
+    for _ in range(2):
+        log_cost(model, 32, 48, run_id, uri)
+    client = MlflowClient(uri)
+    parameters = client.get_metric_history(run_id, "model_parameters")
+    gflops = client.get_metric_history(run_id, "model_gflops_per_image")
+    assert [(m.step, m.value) for m in parameters] == [(0, count_parameters(model))]
+    assert [(m.step, m.value) for m in gflops] == [(0, forward_backward_flops(model, 32, 48) / 1e9)]
