@@ -21,13 +21,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
+from torch.utils.flop_counter import FlopCounterMode
 
 from inpaint import tables
 from inpaint.config import Config, load_config
 from inpaint.data import prepare
 from inpaint.masks import random_masks
 from inpaint.models import ModelConfig, build_model
+from inpaint.models.cost import conv_backward_flop
 from inpaint.train import build_optimizer, train_step
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,26 +82,6 @@ def matmul_gflops(dtype: torch.dtype, size: int, seconds: float) -> float:
 def matmul_peak(size: int, seconds: float) -> dict[str, float]:
     """GFLOP/s per precision: the ceiling every throughput figure is compared with."""
     return {"fp32": matmul_gflops(torch.float32, size, seconds), "bf16": matmul_gflops(torch.bfloat16, size, seconds)}
-
-
-def conv_backward_flop(
-    grad_out_shape: list[int],
-    x_shape: list[int],
-    w_shape: list[int],
-    _bias: object,
-    _stride: object,
-    _padding: object,
-    _dilation: object,
-    transposed: bool,
-    _output_padding: object,
-    _groups: int,
-    output_mask: list[bool],
-    out_shape: object = None,
-) -> int:
-    """A convolution's backward: the input gradient and the weight gradient each take exactly the
-    multiplications of the forward pass. (torch's own formula ignores `groups` and counts the ConvMixer's
-    depthwise convs as dense ones: 256 times too many FLOPs.)"""
-    return conv_flop_count(x_shape, w_shape, grad_out_shape, transposed) * sum(map(bool, output_mask[:2]))
 
 
 def count_flops(cfg: ModelConfig, height: int, width: int) -> dict[str, float]:

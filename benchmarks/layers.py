@@ -5,6 +5,9 @@ the model, in the training precision and layout (bf16 autocast + channels_last f
 at one thread, a worker's share. "before" is PyTorch's own layer; "after" is the layer the model now
 uses, which differs only where inpaint/kernels.py has a faster formulation (the ConvMixer's depthwise
 convs). The FLOPs come from torch.utils.flop_counter (depthwise backward counted with its groups).
+A second table times every entry of the model family's tables (inpaint/models/blocks.py: each block kind,
+downsampling and upsampling) alone, at the shapes the model's levels give it, in the same precision and
+layout, whichever of them the model itself uses (a Fourier block's FFTs are timed there, not counted).
 
 python benchmarks/layers.py --json layers.json                # the default recipe, batch 32
 python benchmarks/layers.py --config configs/paper.yaml --set train.batch_size=32
@@ -19,13 +22,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import TINY_MODEL, conv_backward_flop, load_average, machine, matmul_peak, print_table, write_json
+from common import TINY_MODEL, load_average, machine, matmul_peak, print_table, write_json
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from inpaint.config import load_config
 from inpaint.kernels import DepthwiseConv2d
-from inpaint.models import build_model
+from inpaint.models import ModelConfig, build_model
+from inpaint.models.blocks import BLOCKS, DOWNSAMPLINGS, UPSAMPLINGS, Layers
+from inpaint.models.cost import conv_backward_flop
 from inpaint.train import training_precision
 
 SIZE = 32  # CIFAR-10
@@ -107,13 +112,30 @@ def measure(module: nn.Module, shape: torch.Size, bf16: bool, channels_last: boo
 
 
 def count_flops(module: nn.Module, shape: torch.Size) -> int:
-    """FLOPs of the layer's forward+backward, counted on PyTorch's own layer (the useful work; running the
-    compiled kernel under FlopCounterMode would also make torch.compile give up on it)."""
+    """FLOPs of the layer's forward+backward, counted on a copy of PyTorch's own layer in eval mode (the useful
+    work; running the compiled kernel under FlopCounterMode would also make torch.compile give up on it)."""
     x = torch.rand(shape).requires_grad_()
     mapping = {torch.ops.aten.convolution_backward: conv_backward_flop}
     with FlopCounterMode(display=False, custom_mapping=mapping) as counted:
-        pytorch_layer(module)(x.clone()).sum().backward()
+        copy.deepcopy(pytorch_layer(module)).eval()(x.clone()).sum().backward()
     return counted.get_total_flops()
+
+
+def family_pieces(cfg: ModelConfig, batch: int) -> list[tuple[str, nn.Module, torch.Size]]:
+    """Every block kind at the first level (full size, its width) and into the bottleneck (its size, from the
+    level above's width), every downsampling of the first level, every upsampling back to it."""
+    widths, layers = cfg.widths, Layers(cfg.norm, cfg.activation)
+    bottom = SIZE // cfg.size_multiple
+    first, into_bottom = (batch, widths[0], SIZE, SIZE), (batch, widths[-2], bottom, bottom)
+    pieces = []
+    for name, block in BLOCKS.items():
+        pieces.append((f"block {name}, level 1", block(widths[0], widths[0], layers, 1), first))
+        pieces.append((f"block {name}, bottleneck", block(widths[-2], widths[-1], layers, 1), into_bottom))
+    for name, down in DOWNSAMPLINGS.items():
+        pieces.append((f"down {name}", nn.Sequential(*down(widths[0], cfg.dropout)), first))
+    for name, up in UPSAMPLINGS.items():
+        pieces.append((f"up {name}", up(widths[1], widths[0]), (batch, widths[1], SIZE // 2, SIZE // 2)))
+    return [(name, module, torch.Size(shape)) for name, module, shape in pieces]
 
 
 def main() -> None:
@@ -149,6 +171,14 @@ def main() -> None:
             }
         )
         print(f"  {name}: {before['train_ms']:.2f} → {after['train_ms']:.2f} ms", flush=True)
+    family = []
+    for name, module, shape in family_pieces(cfg.model, cfg.train.batch_size):
+        module = module.train().to(memory_format=torch.channels_last) if channels_last else module.train()
+        timing = measure(module, shape, precision == "bf16", channels_last, args.reps)
+        family.append(
+            {"piece": name, "input": "×".join(map(str, shape[1:])), **timing, "gflop": count_flops(module, shape) / 1e9}
+        )
+        print(f"  {name}: {timing['train_ms']:.2f} ms", flush=True)
     peak_after = matmul_peak(args.matmul_size, args.matmul_seconds)
     peak = max(peak_before[precision], peak_after[precision])
     for row in rows:
@@ -175,6 +205,20 @@ def main() -> None:
             ("share_after", "after", ".1%"),
         ],
     )
+    for row in family:
+        row["share"] = row["gflop"] / (row["train_ms"] / 1e3) / peak
+    print_table(
+        "the model family's pieces (inpaint/models/blocks.py), each alone, same precision, layout and batch",
+        family,
+        [
+            ("piece", "piece", "s"),
+            ("input", "input C×H×W", "s"),
+            ("forward_ms", "fwd ms", ".2f"),
+            ("train_ms", "fwd+bwd ms", ".2f"),
+            ("gflop", "GFLOP", ".3f"),
+            ("share", "share", ".1%"),
+        ],
+    )
     load_after = load_average()
     print(f"\nload average (1 min): {load_before:.2f} before, {load_after:.2f} after")
     write_json(
@@ -190,6 +234,7 @@ def main() -> None:
             "load_average": {"before": load_before, "after": load_after},
             "matmul_gflops": {"before": peak_before, "after": peak_after, "peak": peak},
             "rows": rows,
+            "family": family,
         },
     )
 

@@ -23,7 +23,7 @@ import yaml
 from inpaint.errors import UserError
 from inpaint.masks import MaskConfig
 from inpaint.metrics import LOSSES, VAL_METRICS
-from inpaint.models import ModelConfig
+from inpaint.models import LEGACY_MODEL, ModelConfig
 
 
 @dataclass
@@ -284,9 +284,12 @@ def with_values(cfg: Config, values: Mapping[str, Any]) -> Config:
 
 
 def from_dict(values: dict[str, Any]) -> Config:
-    """The config a `to_dict()` produced (as stored in checkpoints and sent to workers)."""
+    """The config a `to_dict()` produced (as stored in checkpoints, logged with a run and sent to workers).
+
+    Every saved config is read back here: a model key it lacks was added after it was saved, and takes the
+    value that built its network then (`models.LEGACY_MODEL`), whatever today's default."""
     cfg = Config()
-    _merge(cfg, values)
+    _merge(cfg, values | {"model": LEGACY_MODEL | values.get("model", {})})
     return cfg
 
 

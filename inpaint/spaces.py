@@ -7,7 +7,8 @@
 
 A key given one of Tune's sampling primitives (`{choice: [...]}`, `{randint: [lo, hi]}`, ...) is
 searched; a key given a plain value is the same for every trial. `samples`, `search` (random, or
-Optuna's TPE), `early_stopping`, `time_budget_minutes` and `baseline` set the study itself.
+Optuna's TPE), `early_stopping`, `time_budget_minutes`, `baseline`, and ASHA's clock (`asha_time_attr`:
+epochs, or training minutes from `asha_grace_minutes` on) set the study itself.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ RANGES = ("randint", "uniform", "loguniform")  # written [lo, hi]
 # compares trials on the same metric with the same epoch budget.
 NOT_SEARCHABLE = ("data.", "scaling.", "tracking.", "train.epochs", "train.best_metric")
 ANY_HOLES = {"masks.min_size": 1, "masks.max_size": 1_000_000}  # a pair no searched value conflicts with
+ASHA_CLOCKS = {"epoch": "epoch", "minutes": "training_minutes"}  # asha_time_attr → the metric ASHA's rungs count
 
 
 def config_keys(node: Any = None, prefix: str = "") -> list[str]:
@@ -103,6 +105,8 @@ class Space:
     early_stopping: bool = True  # ASHA; off, every trial trains every epoch (an ablation's equal budget)
     time_budget_minutes: float | None = None  # then Tune stops the trials under way and starts no more
     baseline: bool = False  # the first trial is the config the study starts from, to judge the others against
+    asha_time_attr: str = "epoch"  # ASHA compares trials at equal epochs, or at equal training minutes
+    asha_grace_minutes: float | None = None  # with minutes: the first rung (then ×4, up to the time budget)
 
     @property
     def name(self) -> str:
@@ -114,6 +118,14 @@ class Space:
     def baseline_point(self, cfg: Config) -> dict[str, Any]:
         """The searched keys' values in `cfg`: the baseline trial's."""
         return {key: get(cfg, key) for key in self.searched}
+
+    def asha_rungs(self, epochs: int) -> tuple[str, float, float]:
+        """ASHA's clock (the reported metric it reads), its first rung and its `max_t`: epochs 1, 4, 16 …
+        up to `train.epochs`, or training minutes G, 4G, 16G … up to the time budget (no trial trains longer)."""
+        if self.asha_time_attr == "minutes":
+            grace = self.asha_grace_minutes  # (--time-budget may set a budget below it: then no trial reaches it)
+            return ASHA_CLOCKS["minutes"], grace, max(self.time_budget_minutes, grace)
+        return ASHA_CLOCKS["epoch"], 1, epochs
 
     def bounds(self, key: str, cfg: Config) -> tuple[Any, Any]:
         """The smallest and the largest value `key` takes in a study on top of `cfg`."""
@@ -156,6 +168,7 @@ def load_space(path: str | os.PathLike) -> Space:
     search = entries.pop("search", "random")
     if search not in SEARCHERS:
         raise UserError(f"{path}: search must be one of {', '.join(SEARCHERS)}, got {search!r}")
+    clock, grace = asha_clock(path, entries, early_stopping, budget)
     searched, fixed = {}, {}
     for key, value in entries.items():
         key = str(key)
@@ -177,7 +190,32 @@ def load_space(path: str | os.PathLike) -> Space:
             f"{path}: {gridded[0]} is a grid, which Optuna cannot search (it samples): "
             "make it a choice, or use search: random"
         )
-    return Space(path, searched, fixed, samples, search, early_stopping, budget, baseline)
+    return Space(path, searched, fixed, samples, search, early_stopping, budget, baseline, clock, grace)
+
+
+def asha_clock(path: Path, entries: dict, early_stopping: bool, budget: float | None) -> tuple[str, float | None]:
+    """`asha_time_attr` and `asha_grace_minutes`, popped from the file's entries and checked."""
+    clock = entries.pop("asha_time_attr", "epoch")
+    grace = entries.pop("asha_grace_minutes", None)
+    if clock not in ASHA_CLOCKS:
+        raise UserError(f"{path}: asha_time_attr must be one of {', '.join(ASHA_CLOCKS)}, got {clock!r}")
+    if clock == "epoch":
+        if grace is not None:
+            raise UserError(f"{path}: asha_grace_minutes needs asha_time_attr: minutes (epochs' first rung is 1)")
+        return clock, None
+    if not early_stopping:
+        raise UserError(f"{path}: asha_time_attr: minutes sets ASHA's rungs, but early_stopping: false turns it off")
+    if isinstance(grace, bool) or not isinstance(grace, int | float) or grace <= 0:
+        raise UserError(
+            f"{path}: asha_time_attr: minutes needs asha_grace_minutes, the first rung in training minutes "
+            f"(a positive number, e.g. 10), got {grace!r}"
+        )
+    if budget is None or grace >= budget:
+        raise UserError(
+            f"{path}: asha_time_attr: minutes needs a time_budget_minutes above asha_grace_minutes ({grace:g}): "
+            f"its rungs go up to the budget, got {budget!r}"
+        )
+    return clock, float(grace)
 
 
 def parse_search(where: str, value: dict) -> Search:

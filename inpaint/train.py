@@ -41,11 +41,13 @@ from inpaint.metrics import (
     format_metric,
     reconstruction_loss,
 )
-from inpaint.models import build_model, model_input
+from inpaint.models import build_model, count_parameters, forward_backward_flops, model_input
 from inpaint.runtime import configure_process
 
 BEST_METRICS = ("best_epoch", *(f"best_{name}" for name in VAL_METRICS))  # the best epoch's so far (`best_so_far`)
-EPOCH_METRICS = ("epoch", "train_loss", *VAL_METRICS, "images_per_s", "lr", *BEST_METRICS)  # reported every epoch
+# reported every epoch; `training_minutes`: the wall minutes of the epochs so far (training and validation), the
+# clock a study's scheduler may compare trials by (tune_spaces/README.md)
+EPOCH_METRICS = ("epoch", "train_loss", *VAL_METRICS, "images_per_s", "lr", "training_minutes", *BEST_METRICS)
 CURVES = ["train_loss", "val_loss", "val_psnr_hole", "val_dice"]  # drawn in curves.png
 BN_BATCHES = 16  # an epoch's last training batches, on which the weights' average re-estimates its BatchNorm statistics
 
@@ -145,6 +147,7 @@ class Worker:
     ema: AveragedModel | None = None  # the weights' moving average, where `train.ema_decay` asks for one
     recent_inputs: deque = field(default_factory=lambda: deque(maxlen=BN_BATCHES))  # for the average's BatchNorm
     best: dict[str, float] = field(default_factory=dict)  # `best_*` as last reported
+    minutes: float = 0.0  # `training_minutes` as last reported
 
     @property
     def delivered(self) -> torch.nn.Module:
@@ -161,10 +164,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     samples = read_split(loop_config["data"], "val", limit=worker.cfg.train.samples) if worker.rank == 0 else None
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     for epoch in range(first_epoch, worker.cfg.train.epochs + 1):
+        started = time.perf_counter()
         train_sums = train_one_epoch(worker, train_shard, epoch)
         if worker.ema:
             refresh_average_batch_norm(worker)
         metrics = validate(worker, val_shard, epoch, train_sums)
+        worker.minutes += (time.perf_counter() - started) / 60  # validate's all-reduce: every worker's epoch ends here
+        metrics["training_minutes"] = worker.minutes
         metrics |= best_so_far(metrics, worker.best, worker.cfg.train.best_metric)
         worker.best = {key: metrics[key] for key in BEST_METRICS}
         checkpoint_and_report(worker, epoch, metrics)
@@ -173,19 +179,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 
 def start_worker(loop_config: dict[str, Any]) -> Worker:
-    """The config, this worker's threads, and the network with its optimizer: the same weights on every worker."""
+    """The config, this worker's threads, and the network with its optimizer: the same weights on every worker.
+    Rank 0 logs what the network costs (`log_cost`) and the precision it trains in."""
     cfg = from_dict(loop_config["config"])
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))  # one thread per CPU Ray gave us
     cfg.train.precision = training_precision(cfg)  # "auto" resolved once, for this worker's CPU, not every step
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    if rank == 0:
-        tracking.set_tag(
-            loop_config["mlflow_run_id"], "train.precision_used", cfg.train.precision,
-            tracking_uri=loop_config["tracking_uri"],
-        )  # fmt: skip
     torch.manual_seed(cfg.train.seed)  # same initial weights on every worker
     module = build_model(cfg.model)
+    if rank == 0:
+        run_id, uri = loop_config["mlflow_run_id"], loop_config["tracking_uri"]
+        tracking.set_tag(run_id, "train.precision_used", cfg.train.precision, tracking_uri=uri)
+        log_cost(module, loop_config["height"], loop_config["width"], run_id, uri)
     if cfg.train.channels_last:
         module = module.to(memory_format=torch.channels_last)
     steps_per_epoch = math.ceil(loop_config["train_rows"] / (cfg.train.batch_size * world_size))
@@ -198,6 +204,17 @@ def start_worker(loop_config: dict[str, Any]) -> Worker:
         loop_config["mlflow_run_id"], loop_config["tracking_uri"],
         loop_config["height"], loop_config["width"], steps_per_epoch, ema,
     )  # fmt: skip
+
+
+def log_cost(module: torch.nn.Module, height: int, width: int, run_id: str, tracking_uri: str) -> None:
+    """The network's parameter count and training GFLOPs per picture as metrics at step 0, so that runs and
+    trials sort by cost beside their quality (counted on a copy: the weights and the random stream stay as
+    they were)."""
+    cost = {
+        "model_parameters": count_parameters(module),
+        "model_gflops_per_image": forward_backward_flops(module, height, width) / 1e9,
+    }
+    tracking.log_metrics_once(run_id, cost, step=0, tracking_uri=tracking_uri)
 
 
 def restore(worker: Worker) -> int:
@@ -214,6 +231,7 @@ def restore(worker: Worker) -> int:
         worker.ema.load_state_dict(state["ema"])
     saved = state["metrics"]  # with no `best_*` (a checkpoint from before they were reported), its own epoch's
     worker.best = best_so_far(saved, {k: saved[k] for k in BEST_METRICS if k in saved}, worker.cfg.train.best_metric)
+    worker.minutes = saved.get("training_minutes", 0.0)  # a checkpoint from before it was reported: from 0
     if worker.rank == 0:  # the run may have stopped between the checkpoint and its MLflow metrics
         print(f"resumed from the checkpoint of epoch {state['epoch']}", flush=True)
         tracking.log_metrics_once(

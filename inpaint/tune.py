@@ -26,11 +26,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-import pandas as pd
 import pyarrow.fs as pafs
 import ray
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 from ray import tune
 from ray.tune.experiment import Trial
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -38,7 +35,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
-from inpaint import runtime, storage, tables, tracking
+from inpaint import runtime, storage, tracking
 from inpaint.config import Config, load_config, with_values
 from inpaint.driver import (
     check_cluster_fits,
@@ -54,8 +51,9 @@ from inpaint.driver import (
     with_image_size,
 )
 from inpaint.errors import RunFailed, RunStopped, UserError
-from inpaint.metrics import VAL_METRICS, format_metric, metric_mode
+from inpaint.metrics import metric_mode
 from inpaint.spaces import Space, check_space
+from inpaint.study_results import importances_table, parameter_importances, results_table, trial_reports, trials_figure
 from inpaint.train import EPOCH_METRICS
 
 TRIAL_CPU = 0.01  # a trial's own actor only waits on its TorchTrainer, but Ray needs it to hold something
@@ -276,19 +274,27 @@ def new_tuner(
             metric=cfg.train.best_metric,
             mode=metric_mode(cfg.train.best_metric),
             search_alg=search_alg,
-            scheduler=ASHAScheduler(
-                time_attr="epoch",
-                max_t=cfg.train.epochs,
-                grace_period=1,  # every trial trains an epoch, then only the better ones go on
-                stop_last_trials=False,  # a trial that trained every epoch ends by itself, cleanly
-            )
-            if space.early_stopping
-            else None,  # FIFO: every trial runs to the end
+            scheduler=asha(space, cfg),
             num_samples=samples,
             max_concurrent_trials=limit,
             time_budget_s=space.time_budget_minutes * 60 if space.time_budget_minutes else None,
         ),
         run_config=run_config,
+    )
+
+
+def asha(space: Space, cfg: Config) -> ASHAScheduler | None:
+    """ASHA on the space's clock (`Space.asha_rungs`): at equal epochs, or at equal training minutes, where a
+    trial twice as slow is judged at half the epochs; None (FIFO: every trial runs to the end) without
+    early stopping."""
+    if not space.early_stopping:
+        return None
+    clock, first_rung, last_rung = space.asha_rungs(cfg.train.epochs)
+    return ASHAScheduler(
+        time_attr=clock,
+        max_t=last_rung,
+        grace_period=first_rung,  # every trial trains this long, then only the better ones go on
+        stop_last_trials=False,  # a trial that trained every epoch ends by itself, cleanly
     )
 
 
@@ -317,6 +323,8 @@ def open_parent_run(space: Space, cfg: Config, samples: int, name: str, tracking
     searched = {f"search.{key}": search for key, search in space.searched.items()}
     study = {"samples": samples, "search": space.search, "early_stopping": str(space.early_stopping).lower()}
     study |= {"time_budget_minutes": space.time_budget_minutes} if space.time_budget_minutes else {}
+    study |= {"asha_time_attr": space.asha_time_attr}
+    study |= {"asha_grace_minutes": space.asha_grace_minutes} if space.asha_grace_minutes else {}
     study |= {"baseline": str(space.baseline).lower()}
     tracking.log_params(run_id, searched | study, tracking_uri=tracking_uri)
     tracking.log_file(run_id, str(space.path), tracking_uri=tracking_uri)
@@ -424,93 +432,3 @@ def finish_study(study: Study, results: tune.ResultGrid, space: Space) -> StudyR
     return StudyResult(
         study.name, study.parent_run_id, best_run_id, trial_id, best.config, val_metrics, model_uri, table, importances
     )
-
-
-@dataclass
-class TrialReports:
-    """One trial as Tune saw it: its searched values and its reports, one row per epoch."""
-
-    trial_id: str
-    values: dict[str, Any]
-    epochs: pd.DataFrame
-    failed: bool
-
-    def best_epoch(self, metric: str) -> pd.Series:
-        column = self.epochs[metric]
-        return self.epochs.loc[column.idxmax() if metric_mode(metric) == "max" else column.idxmin()]
-
-
-def trial_reports(results: tune.ResultGrid) -> list[TrialReports]:
-    """Every trial that reported an epoch: the last report of each epoch (a restarted trial reports some twice,
-    one that finished under a killed driver before Tune saved that may hold its last epoch's report alone)."""
-    return [
-        TrialReports(
-            result.metrics["trial_id"],
-            result.config,
-            result.metrics_dataframe.sort_values("epoch").drop_duplicates("epoch", keep="last"),
-            result.error is not None,
-        )
-        for result in results
-        if result.metrics_dataframe is not None and not result.metrics_dataframe.empty
-    ]
-
-
-def results_table(
-    reports: list[TrialReports], keys: list[str], metric: str, epochs: int, baseline: dict[str, Any] | None = None
-) -> str:
-    """A markdown table, a row per trial, best first: its searched values (the `baseline` trial's marked),
-    epochs run, its minutes of training (Tune's clock, start-up included) and its best epoch's metrics."""
-    sign = 1 if metric_mode(metric) == "max" else -1
-    header = ["trial", *keys, "epochs", "minutes", *VAL_METRICS]
-    rows = []
-    for trial in sorted(reports, key=lambda trial: -sign * trial.best_epoch(metric)[metric]):
-        best, ran = trial.best_epoch(metric), int(trial.epochs["epoch"].max())
-        status = " failed" if trial.failed else " stopped" if ran < epochs else ""
-        values = (f"{value:.3g}" if isinstance(value, float) else str(value) for value in map(trial.values.get, keys))
-        minutes = f"{trial.epochs['time_total_s'].max() / 60:.1f}"
-        scores = (format_metric(m, best[m]) for m in VAL_METRICS)
-        name = trial.trial_id + (" (baseline)" if trial.values == baseline else "")
-        rows.append([name, *values, f"{ran}/{epochs}{status}", minutes, *scores])
-    return tables.markdown(header, rows)
-
-
-def parameter_importances(space: Space, reports: list[TrialReports], metric: str) -> dict[str, float]:
-    """Each searched key's share of how `metric` varies over the trials (Optuna's PED-ANOVA, summing to 1),
-    scored at the last epoch every trial reached, so that trials ASHA stopped compare on equal budgets;
-    {} where the trials are too few or too alike to tell."""
-    import optuna  # late: only a finished study needs it
-
-    reached = min((int(trial.epochs["epoch"].max()) for trial in reports), default=0)
-    distributions = {key: search.distribution() for key, search in space.searched.items()}
-    direction = "maximize" if metric_mode(metric) == "max" else "minimize"
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction=direction)
-    for trial in (trial for trial in reports if (trial.epochs["epoch"] == reached).any()):  # see trial_reports
-        at = trial.epochs.loc[trial.epochs["epoch"] == reached, metric]
-        params = {key: trial.values[key] for key in distributions}
-        params = {k: v if isinstance(v, int | float | str) else str(v) for k, v in params.items()}
-        study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions, value=float(at.iloc[0])))
-    if len(study.trials) < 4:
-        return {}
-    try:
-        return dict(optuna.importance.get_param_importances(study))
-    except (ValueError, RuntimeError, ZeroDivisionError):  # e.g. every trial scored the same
-        return {}
-
-
-def importances_table(importances: dict[str, float], metric: str) -> str:
-    rows = [[key, f"{share:.2f}"] for key, share in sorted(importances.items(), key=lambda item: -item[1])]
-    return tables.markdown(["searched key", f"share of {metric}'s variation"], rows)
-
-
-def trials_figure(reports: list[TrialReports], metric: str, title: str) -> Figure:
-    """`metric` over epochs, a line per trial."""
-    figure = Figure(figsize=(6.4, 4.0), dpi=100, layout="tight")  # no pyplot: no global state, no display
-    axes = figure.subplots()
-    for trial in reports:
-        axes.plot(trial.epochs["epoch"], trial.epochs[metric], marker="o", markersize=3, label=trial.trial_id)
-    axes.set(title=title, xlabel="epoch", ylabel=metric)
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize="x-small")
-    return figure

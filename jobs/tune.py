@@ -19,7 +19,8 @@ from inpaint.config import VAL_METRICS, add_config_flags, flag_values, load_conf
 from inpaint.errors import UserError, cli_errors
 from inpaint.runtime import configure_process
 from inpaint.spaces import load_space
-from inpaint.tune import importances_table, run_study
+from inpaint.study_results import importances_table
+from inpaint.tune import run_study
 
 DEFAULT_SAMPLES = 8  # for a space file that does not say
 

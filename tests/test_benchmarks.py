@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 
+from inpaint.models.blocks import BLOCKS, DOWNSAMPLINGS, UPSAMPLINGS
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -95,6 +97,12 @@ def test_layers(tmp_path):
         assert row["gflop"] >= 0 and row["share_after"] >= 0
     convs = [row for row in rows if "Conv" in row["kind"]]
     assert all(row["gflop"] > 0 for row in convs)
+    family = {row["piece"]: row for row in result["family"]}  # every entry of the family's tables, alone
+    assert {f"block {name}, bottleneck" for name in BLOCKS} | {f"down {name}" for name in DOWNSAMPLINGS} <= set(family)
+    assert {f"up {name}" for name in UPSAMPLINGS} <= set(family)
+    for row in family.values():
+        positive(row, "forward_ms", "train_ms")
+    assert family["block fourier, bottleneck"]["gflop"] > family["block residual, bottleneck"]["gflop"] > 0
 
 
 @pytest.mark.ray

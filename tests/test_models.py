@@ -130,13 +130,21 @@ def test_model_input_stacks_mask_last():
         (dict(widths=[8, 0, 16]), "widths"),
         (dict(widths=[8, 16], mixer_patch_size=4), "mixer_patch_size"),  # more than the bottleneck's scale, 2
         (dict(block="dense"), "block"),
-        (dict(downsampling="stride"), "downsampling"),
+        (dict(downsampling="avgpool"), "downsampling"),
         (dict(upsampling="bicubic"), "upsampling"),
+        (dict(norm="layer"), "norm"),
+        (dict(activation="tanh"), "activation"),
+        (dict(fusion_scales="every"), "fusion_scales"),
+        (dict(blocks_per_level=0), "blocks_per_level"),
+        (dict(bottleneck_dilations=[]), "bottleneck_dilations"),
+        (dict(bottleneck_dilations=[1, 0]), "bottleneck_dilations"),
     ],
 )
 def test_bad_model_config_names_the_key(bad, key):
-    with pytest.raises(ValueError, match=f"model.{key} "):
+    with pytest.raises(ValueError, match=f"model.{key} ") as refused:
         build_model(ModelConfig(**bad))
+    if isinstance(bad.get(key), str):  # a choice: the allowed values are named too
+        assert "must be one of (" in str(refused.value)
 
 
 def test_a_u_net_of_one_level_is_refused_naming_the_key_in_one_line():

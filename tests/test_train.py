@@ -20,10 +20,15 @@ from inpaint.config import load_config
 from inpaint.data import prepare, read_split, to_float_images
 from inpaint.masks import MaskConfig, apply_holes, fixed_masks
 from inpaint.metrics import MetricTotals
-from inpaint.models import model_input
+from inpaint.models import build_model, count_parameters, model_input
 from inpaint.train import training_precision
 
 pytestmark = pytest.mark.ray
+
+
+def minutes(client: MlflowClient, run_id: str) -> list[float]:
+    """The run's `training_minutes`, epoch by epoch."""
+    return [m.value for m in sorted(client.get_metric_history(run_id, "training_minutes"), key=lambda m: m.step)]
 
 
 def test_two_worker_run_is_tracked_and_registered(tiny_data, tmp_path):
@@ -45,6 +50,13 @@ def test_two_worker_run_is_tracked_and_registered(tiny_data, tmp_path):
     assert run.data.tags["train.precision_used"] == training_precision(load_config(None, []))  # "auto" resolved
     for key in METRICS:
         assert metric_steps(client, run.info.run_id, key) == [1, 2], key
+    # what the network costs, once at step 0; the clock a study's ASHA may go by, every epoch
+    keys = ("model_parameters", "model_gflops_per_image")
+    cost = {key: client.get_metric_history(run.info.run_id, key) for key in keys}
+    small = load_config(None, SMALL_MODEL).model
+    assert [(m.step, m.value) for m in cost["model_parameters"]] == [(0, count_parameters(build_model(small)))]
+    assert [m.step for m in cost["model_gflops_per_image"]] == [0] and cost["model_gflops_per_image"][0].value > 0
+    assert 0 < minutes(client, run.info.run_id)[0] < minutes(client, run.info.run_id)[1]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
     assert artifacts == {"samples/epoch_001.png", "samples/epoch_002.png"}
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"curves.png", "config.json"}
@@ -131,6 +143,9 @@ def test_stopped_run_resumes_and_logs_each_epoch_once(interruptible_data, tmp_pa
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
     for key in METRICS:
         assert metric_steps(client, run.info.run_id, key) == [1, 2, 3, 4], key
+    clock = minutes(client, run.info.run_id)  # carried over the resume, not counted from 0 again
+    assert clock == sorted(clock) and len(set(clock)) == 4, clock
+    assert metric_steps(client, run.info.run_id, "model_parameters") == [0]
 
 
 @pytest.mark.parametrize(

@@ -21,17 +21,22 @@ import pytest
 import torch
 from helpers import REPO, SMALL_MODEL, finish, metric_steps, run_job
 from mlflow import MlflowClient
+from ray.tune.experiment import Trial
 
 from inpaint.config import load_config
 from inpaint.errors import UserError
 from inpaint.spaces import Search, Space, check_space, load_space
-from inpaint.tune import TrialReports, parameter_importances, saved_state
+from inpaint.study_results import TrialReports, parameter_importances
+from inpaint.tune import asha, saved_state
 
 # Small networks for 2 epochs, three trials. The third barely learns (lr 1e-7): whichever of the
 # first two reports first, its first epoch falls below ASHA's cutoff, so it is stopped early.
 FIXED = "\n".join(f"{key}: {value}" for key, value in (setting.split("=", 1) for setting in SMALL_MODEL))
 STUDY_SPACE = f"train.epochs: 2\n{FIXED}\ntrain.lr: {{grid: [3.0e-3, 1.0e-3, 1.0e-7]}}\n"
 OPTUNA_SPACE = f"search: optuna\ntrain.epochs: 2\n{FIXED}\ntrain.lr: {{loguniform: [1.0e-4, 3.0e-3]}}\n"
+
+
+MINUTES = "model.fusion: {choice: [add]}\nasha_time_attr: minutes\n"
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -93,6 +98,11 @@ def test_space_file_reads_searched_and_fixed_keys(tmp_path):
         ("time_budget_minutes: 0\nmodel.fusion: {choice: [add]}", "time_budget_minutes must be a positive number"),
         ("baseline: yes please\nmodel.fusion: {choice: [add]}", "baseline must be true or false"),
         ("time_budget_minutes: 1h\nmodel.fusion: {choice: [add]}", "minutes, got '1h'"),
+        ("asha_time_attr: hours\nmodel.fusion: {choice: [add]}", "asha_time_attr must be one of epoch, minutes"),
+        ("asha_grace_minutes: 10\nmodel.fusion: {choice: [add]}", "asha_grace_minutes needs asha_time_attr: minutes"),
+        (f"{MINUTES}asha_grace_minutes: 0\ntime_budget_minutes: 60", "needs asha_grace_minutes, the first rung"),
+        (f"{MINUTES}asha_grace_minutes: 10", "needs a time_budget_minutes above asha_grace_minutes (10)"),
+        (f"{MINUTES}asha_grace_minutes: 10\ntime_budget_minutes: 60\nearly_stopping: false", "early_stopping: false"),
     ],
 )
 def test_bad_space_file_is_refused_naming_the_key(tmp_path, text, message):
@@ -116,6 +126,32 @@ def test_space_values_that_cannot_train_are_refused_naming_the_key(tmp_path, tex
     space = load_space(write(tmp_path, text))
     with pytest.raises(UserError, match=re.escape(message)):
         check_space(space, load_config(None, values=space.fixed))
+
+
+def asha_decisions(space: Space) -> list[str]:
+    """ASHA's calls on a fast trial (5 minutes an epoch) and one twice as slow, as their epochs come in."""
+    scheduler = asha(space, load_config(None, values=space.fixed))
+    scheduler.set_search_properties("val_psnr_hole", "max")
+    fast, slow = Trial("fast", stub=True), Trial("slow", stub=True)
+    reports = [(fast, 1, 5.0, 14.0), (fast, 2, 10.0, 16.0), (slow, 1, 10.0, 15.0)]
+    for trial in (fast, slow):
+        scheduler.on_trial_add(None, trial)
+    return [
+        scheduler.on_trial_result(None, trial, {"epoch": epoch, "training_minutes": minutes, "val_psnr_hole": psnr})
+        for trial, epoch, minutes, psnr in reports
+    ]
+
+
+def test_asha_judges_trials_at_equal_training_minutes_when_asked(tmp_path):
+    """Rungs at 10, 40, 160 training minutes (up to the budget): the slow trial's first epoch is judged
+    against what the fast one had at 10 minutes (its epoch 2), and stopped; by epochs, against the fast
+    one's epoch 1, which it beats."""
+    space = load_space(write(tmp_path, f"{MINUTES}asha_grace_minutes: 10\ntime_budget_minutes: 160\n"))
+    assert (space.asha_time_attr, space.asha_rungs(4)) == ("minutes", ("training_minutes", 10.0, 160))
+    assert asha_decisions(space) == ["CONTINUE", "CONTINUE", "STOP"]
+    by_epoch = load_space(write(tmp_path, "model.fusion: {choice: [add]}\ntrain.epochs: 4\n"))
+    assert by_epoch.asha_rungs(4) == ("epoch", 1, 4)
+    assert asha_decisions(by_epoch) == ["CONTINUE", "CONTINUE", "CONTINUE"]
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "tune_spaces").glob("*.yaml")), ids=lambda path: path.name)

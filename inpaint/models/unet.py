@@ -5,7 +5,9 @@ must be multiples of 2 to that power. The paper's layout (umar07/image-inpaintin
 conv per level, max-pool then BatchNorm then dropout on the way down, transposed convs with additive skips
 on the way up, a 3×3 conv + sigmoid head. The fused model adds a ConvMixer's features, pooled to the
 bottleneck's size, at the bottleneck. Whether the mask channel is seen at all is `model.mask_channel`: off
-reproduces the paper, whose networks only see the RGB image.
+reproduces the paper, whose networks only see the RGB image. The family around that layout: the blocks and
+the up- and downsamplings of `blocks.py`, `model.blocks_per_level` blocks a level, dilated bottleneck blocks,
+and the ConvMixer's features joined with every skip too (`model.fusion_scales: all`).
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from inpaint.models.blocks import BLOCKS, UPSAMPLINGS, down_stage
+from inpaint.models.blocks import UPSAMPLINGS, Layers, down_stage, level_blocks
 from inpaint.models.convmixer import conv_mixer
 from inpaint.models.network import InpaintingNetwork
 
@@ -34,10 +37,12 @@ class UNet(InpaintingNetwork):
         cfg.validate()
         super().__init__(size_multiple=cfg.size_multiple)
         self.cfg = cfg
-        widths, levels = cfg.widths, len(cfg.widths)
-        self.enc1 = BLOCKS[cfg.block](cfg.in_channels, widths[0])  # full size
+        widths, levels, layers = cfg.widths, len(cfg.widths), Layers(cfg.norm, cfg.activation)
+        first = level_blocks(cfg.block, cfg.in_channels, widths[0], layers, level_dilations(cfg, 1))  # full size
+        self.enc1 = first[0] if len(first) == 1 else nn.Sequential(*first)  # one block: the paper's keys
         for level in range(2, levels + 1):  # each at half the size of the level above
-            stage = down_stage(widths[level - 2], widths[level - 1], cfg.dropout, cfg.block, cfg.downsampling)
+            blocks = level_blocks(cfg.block, widths[level - 2], widths[level - 1], layers, level_dilations(cfg, level))
+            stage = down_stage(widths[level - 2], cfg.dropout, cfg.downsampling, blocks)
             self.add_module("bottleneck" if level == levels else f"enc{level}", stage)
         for level in range(levels - 1, 0, -1):  # back up to level's size and width
             self.add_module(f"up{level}", UPSAMPLINGS[cfg.upsampling](widths[level], widths[level - 1]))
@@ -72,21 +77,55 @@ class UNet(InpaintingNetwork):
         return self.forward_head(z, skips)
 
 
+def level_dilations(cfg: ModelConfig, level: int) -> list[int]:
+    """The dilation of each of a level's `model.blocks_per_level` blocks: the bottleneck's cycle through
+    `model.bottleneck_dilations`, the other levels' are 1."""
+    dilations = cfg.bottleneck_dilations if level == len(cfg.widths) else [1]
+    return [dilations[i % len(dilations)] for i in range(cfg.blocks_per_level)]
+
+
+def fusion_layer(fusion: str, width: int, mixer_dim: int) -> nn.Module:
+    """What joins the ConvMixer's features to `width` U-Net channels: concat + a 1×1 conv back to `width`,
+    or add, projected by a 1×1 conv only when the widths differ (the paper's code has both at 256)."""
+    if fusion == "concat":
+        return nn.Conv2d(width + mixer_dim, width, kernel_size=1)
+    return nn.Identity() if mixer_dim == width else nn.Conv2d(mixer_dim, width, kernel_size=1)
+
+
+def resample(x: torch.Tensor, factor: int, scale: int) -> torch.Tensor:
+    """Features at 1/`factor` of the input size brought to 1/`scale` of it: average-pooled down, or
+    bilinearly upsampled (both powers of 2, so the sizes match exactly)."""
+    if scale > factor:
+        return F.avg_pool2d(x, scale // factor)
+    if scale < factor:
+        return F.interpolate(x, scale_factor=factor // scale, mode="bilinear", align_corners=False)
+    return x
+
+
 class FusedUNet(UNet):
-    """The U-Net whose bottleneck is fused with a ConvMixer's features of the same input."""
+    """The U-Net fused with a ConvMixer's features of the same input: at the bottleneck, and with
+    `model.fusion_scales: all` also with every skip, so at every decoder level's size."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg)
-        bottom = cfg.widths[-1]
         mixer = (cfg.mixer_dim, cfg.mixer_depth, cfg.mixer_kernel_size, cfg.mixer_patch_size)
         self.mixer = conv_mixer(cfg.in_channels, *mixer, scale=cfg.size_multiple)  # to the bottleneck's size
-        if cfg.fusion == "concat":
-            self.fuse = nn.Conv2d(bottom + cfg.mixer_dim, bottom, kernel_size=1)
-        else:  # "add": project only when the widths differ (the paper's code has both at 256)
-            self.fuse = nn.Identity() if cfg.mixer_dim == bottom else nn.Conv2d(cfg.mixer_dim, bottom, kernel_size=1)
+        self.fuse = fusion_layer(cfg.fusion, cfg.widths[-1], cfg.mixer_dim)
+        if cfg.fusion_scales == "all":
+            for level in range(1, self.levels):
+                self.add_module(f"fuse{level}", fusion_layer(cfg.fusion, cfg.widths[level - 1], cfg.mixer_dim))
+
+    def join(self, fuse: nn.Module, z: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        return fuse(torch.cat([z, m], dim=1)) if self.cfg.fusion == "concat" else z + fuse(m)
 
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         z, skips = super().forward_features(x)
-        m = self.mixer(self.inputs(x))
-        z = self.fuse(torch.cat([z, m], dim=1)) if self.cfg.fusion == "concat" else z + self.fuse(m)
+        features = self.mixer[:-1](self.inputs(x))  # at 1/patch size; the mixer's last layer pools to the bottleneck
+        z = self.join(self.fuse, z, self.mixer[-1](features))
+        if self.cfg.fusion_scales == "all":
+            patch = self.cfg.mixer_patch_size
+            skips = [
+                self.join(getattr(self, f"fuse{level}"), skip, resample(features, patch, 2 ** (level - 1)))
+                for level, skip in enumerate(skips, start=1)
+            ]
         return z, skips
