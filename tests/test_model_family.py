@@ -29,11 +29,11 @@ LEVELS = {3: [8, 16, 32], 4: [8, 16, 32, 64]}
 # Between them, every entry of every table and every new key's values (`test_the_family_covers_every_choice`).
 FAMILY = {
     "residual": dict(block="residual", downsampling="stride", upsampling="bilinear", norm="group", activation="gelu",
-                     blocks_per_level=2, bottleneck_dilations=[1, 2]),
+                     blocks_per_level=2, bottleneck_dilations=[1, 2], decoder_blocks=1),
     "nafnet": dict(block="nafnet", upsampling="nearest", fusion_scales="all", mixer_patch_size=1, blocks_per_level=3,
                    bottleneck_dilations=[2, 4]),
     "fourier": dict(block="fourier", upsampling="pixelshuffle", norm="none", activation="silu", fusion_scales="all",
-                    fusion="add", mixer_patch_size=4),
+                    fusion="add", mixer_patch_size=4, decoder_blocks=2),
     "plain-dilated": dict(block="plain", activation="gelu", bottleneck_dilations=[2], downsampling="stride"),
     "unet-residual": dict(variant="unet", block="residual", fusion_scales="all"),
 }  # fmt: skip
@@ -127,7 +127,7 @@ def test_the_mixer_joins_every_skip_only_when_asked(scales, reaches_the_skips):
 
 NEW_DEFAULTS = dict(
     block="residual", blocks_per_level=2, downsampling="stride", upsampling="bilinear", norm="group",
-    activation="silu", fusion_scales="all", bottleneck_dilations=[1, 2],
+    activation="silu", fusion_scales="all", bottleneck_dilations=[1, 2], decoder_blocks=1,
 )  # fmt: skip
 
 

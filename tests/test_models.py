@@ -136,6 +136,7 @@ def test_model_input_stacks_mask_last():
         (dict(activation="tanh"), "activation"),
         (dict(fusion_scales="every"), "fusion_scales"),
         (dict(blocks_per_level=0), "blocks_per_level"),
+        (dict(decoder_blocks=-1), "decoder_blocks"),
         (dict(bottleneck_dilations=[]), "bottleneck_dilations"),
         (dict(bottleneck_dilations=[1, 0]), "bottleneck_dilations"),
     ],

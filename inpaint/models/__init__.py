@@ -40,6 +40,7 @@ FUSION_SCALES = ("bottleneck", "all")
 LEGACY_MODEL = {
     "block": "plain",
     "blocks_per_level": 1,
+    "decoder_blocks": 0,
     "downsampling": "maxpool",
     "upsampling": "transposed",
     "norm": "batch",
@@ -55,6 +56,7 @@ class ModelConfig:
     widths: list[int] = field(default_factory=lambda: [64, 128, 256])  # channels per level: at 1, 1/2, 1/4 … size
     block: str = "plain"  # each level's block (blocks.BLOCKS)
     blocks_per_level: int = 1  # the first changes the width, the others keep it
+    decoder_blocks: int = 0  # blocks after each upsampling and its skip (the paper's decoder has none)
     downsampling: str = "maxpool"  # blocks.DOWNSAMPLINGS
     upsampling: str = "transposed"  # blocks.UPSAMPLINGS
     norm: str = "batch"  # blocks.NORMS: the residual and Fourier blocks' (the paper's block has none)
@@ -91,6 +93,8 @@ class ModelConfig:
             raise ValueError(f"model.widths must be 2 or more positive channel counts (levels), got {self.widths}")
         if self.blocks_per_level < 1:
             raise ValueError(f"model.blocks_per_level must be at least 1, got {self.blocks_per_level}")
+        if self.decoder_blocks < 0:
+            raise ValueError(f"model.decoder_blocks must be 0 or more, got {self.decoder_blocks}")
         if not self.bottleneck_dilations or min(self.bottleneck_dilations) < 1:
             raise ValueError(
                 f"model.bottleneck_dilations must be 1 or more positive dilations, got {self.bottleneck_dilations}"

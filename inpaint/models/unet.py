@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 class UNet(InpaintingNetwork):
     """An encoder-decoder with additive skips and `len(cfg.widths)` levels (widths finest first).
 
-    Its modules are named enc1 … enc{L-1}, bottleneck, up{L-1} … up1, and built in that order: the names,
+    Its modules are named enc1 … enc{L-1}, bottleneck, up{L-1} … up1 (each followed by dec{level}, its
+    `model.decoder_blocks` blocks, where there are any), and built in that order: the names,
     so the state-dict keys, and the order of the parameters (an optimizer state's) that the three-level
     network always had, so that its checkpoints and registered models load and resume."""
 
@@ -46,6 +47,9 @@ class UNet(InpaintingNetwork):
             self.add_module("bottleneck" if level == levels else f"enc{level}", stage)
         for level in range(levels - 1, 0, -1):  # back up to level's size and width
             self.add_module(f"up{level}", UPSAMPLINGS[cfg.upsampling](widths[level], widths[level - 1]))
+            if cfg.decoder_blocks:  # the upsampled features and the skip, refined at that level
+                width, dilations = widths[level - 1], [1] * cfg.decoder_blocks
+                self.add_module(f"dec{level}", nn.Sequential(*level_blocks(cfg.block, width, width, layers, dilations)))
         self.dropout = nn.Dropout(cfg.dropout)
         self.head = nn.Sequential(nn.Conv2d(widths[0], 3, 3, padding=1), nn.Sigmoid())
 
@@ -70,6 +74,8 @@ class UNet(InpaintingNetwork):
         y = z
         for level in range(self.levels - 1, 0, -1):
             y = self.dropout(getattr(self, f"up{level}")(y) + skips[level - 1])
+            if self.cfg.decoder_blocks:
+                y = getattr(self, f"dec{level}")(y)
         return self.head(y)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
