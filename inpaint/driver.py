@@ -335,18 +335,17 @@ def train(
     else:
         tracking.start_run(tracking_uri, cfg.tracking.experiment, run_name, {}, run_id=run_id)  # RUNNING again
     print(f"run {run_name}: MLflow run {run_id} at {tracking_uri}", flush=True)
-    datasets = read_datasets(cfg, data)
-    tag_data_rows(run_id, datasets, tracking_uri)
-    trainer = make_trainer(cfg, data, run_name, run_id, tracking_uri, datasets)
-    try:
-        result = trainer.fit()
+    try:  # from here on the MLflow run is open: however the job ends, it ends the run
+        datasets = read_datasets(cfg, data)
+        tag_data_rows(run_id, datasets, tracking_uri)
+        result = make_trainer(cfg, data, run_name, run_id, tracking_uri, datasets).fit()
     except ray.train.TrainingFailedError as err:
         cause = failure_cause(err)
         tracking.set_tag(run_id, "failure", cause, tracking_uri=tracking_uri)
         tracking.end_run(run_id, "FAILED", tracking_uri=tracking_uri)
         raise RunFailed(f"run {run_name} failed ({cause}); fix the cause, then --resume {run_name}") from None
-    except BaseException as err:  # Ctrl-C, or the driver itself going down
-        tracking.end_run(run_id, "KILLED", tracking_uri=tracking_uri)
+    except BaseException as err:  # Ctrl-C, bad data found while reading it, or the driver itself going down
+        tracking.end_run(run_id, "KILLED" if stopped_by_ctrl_c(err) else "FAILED", tracking_uri=tracking_uri)
         if not stopped_by_ctrl_c(err):
             raise
         ray.shutdown()  # no more forwarded worker lines: the job's last line is its own

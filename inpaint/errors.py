@@ -26,7 +26,8 @@ class RunStopped(Exception):
 
 def cli_errors(main: F) -> F:
     """Run a job's `main`, printing a `UserError` (exit 2) or a `RunFailed` (exit 1) as one `error:` line on
-    stderr, and a `RunStopped` as one `stopped:` line (exit 130, as a shell reports a Ctrl-C)."""
+    stderr, and a `RunStopped` (or a Ctrl-C before any run was open) as one `stopped:` line (exit 130, as a
+    shell reports a Ctrl-C)."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -40,6 +41,9 @@ def cli_errors(main: F) -> F:
             raise SystemExit(1) from None
         except RunStopped as err:
             print(f"stopped: {err}", file=sys.stderr)
+            raise SystemExit(130) from None
+        except KeyboardInterrupt:  # before a run or study was open: nothing to mark, nothing to resume
+            print("stopped: Ctrl-C", file=sys.stderr)
             raise SystemExit(130) from None
 
     return wrapper  # type: ignore[return-value]

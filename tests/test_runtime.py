@@ -90,3 +90,16 @@ def test_a_process_started_while_ctrl_c_is_ignored_inherits_it():
     finally:
         child.kill()
         after.kill()
+
+
+def test_a_ctrl_c_before_any_run_is_one_line_and_exit_130(capsys):
+    """Ctrl-C while a job starts up (imports, checks, preparing data): no traceback, one `stopped:` line."""
+    from inpaint.errors import cli_errors
+
+    @cli_errors
+    def main() -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 130 and capsys.readouterr().err == "stopped: Ctrl-C\n"
