@@ -284,13 +284,14 @@ def connect_ray(address: str | None) -> None:
 
 
 def prepare_data(cfg: Config) -> str:
-    """The prepared dataset to train on: `data.path` itself, or what `prepare` makes of that source."""
+    """The prepared dataset to train on: `data.path` itself, or what `prepare` makes of that source; a local
+    path made absolute, as the workers (which run in other folders) read it."""
     source = cfg.data.path or os.environ.get("INPAINT_DATA", "")
     if not source:
         raise UserError("no data given: pass --data DIR (a prepared dataset or a CIFAR-10 source) or set INPAINT_DATA")
     storage.check_bucket(source, f"reading the data {source}")
     if is_prepared(source):
-        return source
+        return source if storage.is_uri(source) else os.path.abspath(source)
     if storage.is_uri(source):  # sources are read from local files: a URI can only be a prepared dataset
         raise UserError(
             f"{source} holds no prepared dataset (no manifest.json under it): prepare one there with "
@@ -298,7 +299,7 @@ def prepare_data(cfg: Config) -> str:
         )
     name = os.path.basename(os.path.normpath(source)).split(".")[0] or "data"
     limit = f"-{cfg.data.limit}" if cfg.data.limit else ""
-    out = cfg.data.prepared or os.path.abspath(os.path.join("data", f"prepared-{name}{limit}"))
+    out = os.path.abspath(cfg.data.prepared or os.path.join("data", f"prepared-{name}{limit}"))
     prepare(source, out, val=validation_rows(cfg), limit=cfg.data.limit, seed=cfg.data.seed)
     return out
 

@@ -19,7 +19,6 @@ import copy
 import fnmatch
 import functools
 import json
-import os
 import pickle
 import signal
 import threading
@@ -193,7 +192,6 @@ def run_study(space: Space, cfg: Config, *, samples: int, resume: bool = False) 
         cfg = load_config(None, base=saved)
     check_space(space, cfg)
     data = prepare_data(cfg)
-    data = data if storage.is_uri(data) else os.path.abspath(data)  # trials run in other folders
     check_data(space.widest_holes(cfg), data)
     cfg = with_image_size(cfg, data)
     storage_root = storage_path(cfg)

@@ -175,9 +175,11 @@ def test_bad_input_stops_with_one_line(tiny_data, tmp_path, args, message):
 
 def test_limit_applies_to_a_prepared_dataset(tiny_data, tmp_path):
     """--limit on an already-prepared dataset (64 training, 32 validation images) keeps the first N images,
-    split 9:1 as a limited source is, without preparing anything again."""
+    split 9:1 as a limited source is, without preparing anything again; given as a path relative to where the
+    job runs, which the workers (in other folders) read too."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    args = ["--data", str(tiny_data), "--limit", "20", "--workers", "1", "--epochs", "1", "--json", "result.json"]
+    args = ["--data", os.path.relpath(tiny_data, tmp_path), "--limit", "20", "--workers", "1", "--epochs", "1"]
+    args += ["--json", "result.json"]
     out = finish(run_job([*args, *(f"--set={s}" for s in SMALL_MODEL)], tmp_path, uri))
     assert "data: 18 training and 2 validation images" in out
     run = MlflowClient(uri).get_run(json.loads((tmp_path / "result.json").read_text())["run_id"])
