@@ -25,6 +25,8 @@ from inpaint.masks import MaskConfig
 from inpaint.metrics import LOSSES, VAL_METRICS
 from inpaint.models import LEGACY_MODEL, ModelConfig
 
+SMALL_PICTURES = ("skip", "resize")  # `data.small_pictures`: what becomes of a picture smaller than the crop
+
 
 @dataclass
 class DataConfig:
@@ -37,6 +39,13 @@ class DataConfig:
     val_limit: int | None = None  # validate on the first N validation images only
     seed: int = 0  # the train/val split's seed
     image_size: list[int] | None = None  # the training pictures' H, W: filled in by the job from the data
+    # Pictures of any size (a folder of JPEG/PNG/WebP files, local or s3://, or Hugging Face Parquet) train on
+    # square crops of this side: fresh random ones each epoch, fixed ones for validation (inpaint/data/folders.py)
+    crop_size: int | None = None
+    crops_per_picture: int = 1  # training crops cut from each picture per epoch
+    val_path: str = ""  # the validation pictures (default: a val/ folder in data.path, else a share of its pictures)
+    val_share: float = 0.1  # that share, drawn with data.seed
+    small_pictures: str = "skip"  # a picture smaller than the crop: "skip" it, or "resize" (enlarge) it to fit
 
 
 @dataclass
@@ -112,6 +121,10 @@ class Config:
             ("scaling.cpus_per_worker", self.scaling.cpus_per_worker > 0, "must be positive"),
             ("data.val", self.data.val >= 1, "must be at least 1"),
             ("data.limit", (self.data.limit or 10) >= 10, "must be at least 10 (a tenth of it validates)"),
+            ("data.crop_size", (self.data.crop_size or 1) >= 1, "must be a positive number of pixels, e.g. 128"),
+            ("data.crops_per_picture", self.data.crops_per_picture >= 1, "must be at least 1"),
+            ("data.val_share", 0 < self.data.val_share < 1, "must be between 0 and 1, e.g. 0.1"),
+            ("data.small_pictures", self.data.small_pictures in SMALL_PICTURES, "must be skip or resize"),
         ]
         for key, ok, why in checks:
             if not ok:

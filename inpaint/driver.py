@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import ray
 import ray.train
 import torch
@@ -26,7 +27,9 @@ from ray.train.torch import TorchTrainer
 from inpaint import pictures, runtime, storage, tracking
 from inpaint.checkpoints import load_checkpoint_state, model_from_state
 from inpaint.config import Config, TrackingConfig, load_config, with_values
-from inpaint.data import is_prepared, prepare, read_manifest, read_split, split_files, to_float_images
+from inpaint.data import folders, is_prepared, prepare, read_manifest, read_split, split_files, to_float_images
+from inpaint.data.crops import crop_batch
+from inpaint.data.sources import report
 from inpaint.errors import RunFailed, RunStopped, UserError
 from inpaint.masks import apply_holes
 from inpaint.metrics import metric_mode
@@ -55,36 +58,54 @@ def check_cluster_fits(cfg: Config) -> None:
         )
 
 
+def picture_size(cfg: Config, data: str) -> tuple[int, int]:
+    """The (H, W) the network trains at: `data.crop_size` square crops of a picture source, else the prepared
+    dataset's pictures."""
+    if cfg.data.crop_size:
+        return cfg.data.crop_size, cfg.data.crop_size
+    manifest = read_manifest(data)
+    return manifest["height"], manifest["width"]
+
+
+def picture_splits(cfg: Config, data: str) -> dict[str, list[folders.Picture]]:
+    """A picture source's train and val pictures, `data.limit` and `data.val_limit` applied."""
+    splits = folders.list_pictures(data, cfg.data.val_path, cfg.data.val_share, cfg.data.seed, cfg.data.limit)
+    return splits | {"val": splits["val"][: cfg.data.val_limit]}
+
+
 def check_data(cfg: Config, data: str) -> None:
     """Refuse, before any Ray work, a dataset with no validation images, holes that cannot be drawn
     on its images, and a checkpoint bucket the job could not write to (else the first epoch's end fails)."""
-    manifest = read_manifest(data)
-    storage.check_bucket(storage_path(cfg), "checking scaling.storage_path (where checkpoints go)")
-    if not manifest["splits"].get("val"):
+    if cfg.data.crop_size:
+        if not picture_splits(cfg, data)["val"]:
+            raise UserError(f"{data} has no validation pictures: pass data.val_path, or a data.val_share above 0")
+    elif not read_manifest(data)["splits"].get("val"):
         raise UserError(
             f"{data} has no validation images: prepare it again with --val N (jobs/prepare.py), N at least 1"
         )
+    storage.check_bucket(storage_path(cfg), "checking scaling.storage_path (where checkpoints go)")
+    height, width = picture_size(cfg, data)
     multiple = cfg.model.size_multiple  # else the first forward pass fails inside a worker
-    if manifest["height"] % multiple or manifest["width"] % multiple:
+    if height % multiple or width % multiple:
+        fix = f"a data.crop_size divisible by {multiple}" if cfg.data.crop_size else "fewer levels"
         raise UserError(
-            f"{data} holds {manifest['height']}×{manifest['width']} pictures but model.widths of "
-            f"{len(cfg.model.widths)} levels needs sides divisible by {multiple}: use fewer levels"
+            f"the {height}×{width} training pictures of {data} do not suit model.widths of {len(cfg.model.widths)} "
+            f"levels, which needs sides divisible by {multiple}: use {fix}"
         )
     for name in ("masks", "val_masks"):
         try:
-            getattr(cfg, name).validate(manifest["height"], manifest["width"])
+            getattr(cfg, name).validate(height, width)
         except ValueError as err:
             raise UserError(f"{name}: {err}") from None
 
 
 def with_image_size(cfg: Config, data: str) -> Config:
-    """`cfg` with `data.image_size` set to the prepared pictures' size: the scale the network learns at, which
+    """`cfg` with `data.image_size` set to the training pictures' size: the scale the network learns at, which
     a saved model carries to the fill of larger pictures. A value given that differs is refused."""
-    manifest = read_manifest(data)
-    size = [manifest["height"], manifest["width"]]
+    size = list(picture_size(cfg, data))
     if cfg.data.image_size not in (None, size):
         raise UserError(
-            f"data.image_size is {cfg.data.image_size} but {data} holds {size[0]}×{size[1]} pictures: "
+            f"data.image_size is {cfg.data.image_size} but {data} trains on {size[0]}×{size[1]} pictures: "
             "leave data.image_size unset, the job fills it in from the data"
         )
     return with_values(cfg, {"data.image_size": size})
@@ -111,12 +132,43 @@ def read_datasets(cfg: Config, data: str) -> dict[str, ray.data.Dataset]:
     They are read on this (the driver's) node, so their blocks outlive any worker node: a block lost
     with a node would be rebuilt by a read task, which waits forever for a CPU the workers hold."""
     here = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
-    datasets = {}
-    for split, rows in zip(("train", "val"), limited_rows(cfg), strict=True):
-        dataset = ray.data.read_parquet(split_files(data, split), label_selector=here)  # s3://...: Ray's pyarrow S3
-        with storage.errors_explained(data, f"reading its {split} split"):
-            datasets[split] = (dataset.limit(rows) if rows else dataset).materialize()
+    if cfg.data.crop_size:
+        datasets = read_picture_datasets(cfg, data, {"label_selector": here})
+    else:
+        datasets = {}
+        for split, rows in zip(("train", "val"), limited_rows(cfg), strict=True):
+            dataset = ray.data.read_parquet(split_files(data, split), label_selector=here)  # s3://: Ray's pyarrow S3
+            with storage.errors_explained(data, f"reading its {split} split"):
+                datasets[split] = (dataset.limit(rows) if rows else dataset).materialize()
+    for split, dataset in datasets.items():  # Ray Train gives each worker an equal share, dropping the rest
+        if (count := dataset.count()) < cfg.scaling.workers:
+            raise UserError(
+                f"{data}: {count} {split} picture(s) for {cfg.scaling.workers} workers, which need one each at "
+                f"least: add pictures{' (or raise data.val_share)' if cfg.data.crop_size else ''} or lower --workers"
+            )
     return datasets
+
+
+def read_picture_datasets(cfg: Config, data: str, ray_args: dict[str, Any]) -> dict[str, ray.data.Dataset]:
+    """A picture source's splits as Ray Data reads them (`folders.read_pictures`): the usable pictures, encoded,
+    each training picture `data.crops_per_picture` times."""
+    crop, datasets = cfg.data.crop_size, {}
+    for split, listed in picture_splits(cfg, data).items():
+        with storage.errors_explained(data, f"reading its {split} pictures"):
+            dataset = folders.read_pictures(listed, crop, ray_args)
+        dataset = folders.keep_usable(dataset, split, crop, cfg.data.small_pictures, report)
+        datasets[split] = folders.repeat(dataset, cfg.data.crops_per_picture) if split == "train" else dataset
+    return datasets
+
+
+def val_samples(cfg: Config, data: str, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first `count` validation pictures as the network sees them (uint8 (N, H, W, 3), their indices): the
+    samples drawn every epoch, and the registered model's input example."""
+    if not cfg.data.crop_size:
+        return read_split(data, "val", limit=count)
+    rows = folders.first_usable(picture_splits(cfg, data)["val"], count, cfg.data.crop_size, cfg.data.small_pictures)
+    blobs, names, index = ([row[key] for row in rows] for key in ("image", "name", "index"))
+    return crop_batch(blobs, names, index, cfg.data.crop_size, cfg.train.val_seed, epoch=None), np.array(index)
 
 
 def tag_data_rows(run_id: str, datasets: dict[str, ray.data.Dataset], tracking_uri: str) -> None:
@@ -144,7 +196,7 @@ def make_trainer(
     A Tune trial passes its `callbacks` and the CPU its own actor holds (`reserved_cpus`): that comes out
     of the workers' share, so the trial fits where its config fits.
     """
-    manifest = read_manifest(data)
+    height, width = picture_size(cfg, data)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -152,8 +204,9 @@ def make_trainer(
             "data": data,
             "mlflow_run_id": mlflow_run_id,
             "tracking_uri": tracking_uri,
-            "height": manifest["height"],
-            "width": manifest["width"],
+            "height": height,
+            "width": width,
+            "samples": val_samples(cfg, data, cfg.train.samples),  # rank 0 draws them every epoch
             "train_rows": datasets["train"].count(),  # materialized: counted without reading
         },
         scaling_config=ray.train.ScalingConfig(
@@ -190,7 +243,7 @@ def log_checkpoint_model(
     with checkpoint.as_directory() as path:
         state = load_checkpoint_state(path)
     model = model_from_state(state)
-    pixels, index = read_split(data, "val", limit=4)
+    pixels, index = val_samples(cfg, data, 4)
     images = to_float_images(pixels)
     masks = validation_holes(cfg, torch.from_numpy(index), images.shape[-2], images.shape[-1])
     val_tags = {k: f"{v:.4f}" for k, v in state["metrics"].items() if k.startswith("val_")}
@@ -284,14 +337,31 @@ def connect_ray(address: str | None) -> None:
 
 
 def prepare_data(cfg: Config) -> str:
-    """The prepared dataset to train on: `data.path` itself, or what `prepare` makes of that source; a local
-    path made absolute, as the workers (which run in other folders) read it."""
+    """The data to train on: a picture source as it is (`data.crop_size` set), a prepared dataset, or what
+    `prepare` makes of a CIFAR-10 or Parquet source; a local path made absolute, as the workers (which run in
+    other folders) read it."""
     source = cfg.data.path or os.environ.get("INPAINT_DATA", "")
     if not source:
-        raise UserError("no data given: pass --data DIR (a prepared dataset or a CIFAR-10 source) or set INPAINT_DATA")
+        raise UserError(
+            "no data given: pass --data DIR (a prepared dataset, a CIFAR-10 source, or a folder of pictures with "
+            "--set data.crop_size=N) or set INPAINT_DATA"
+        )
     storage.check_bucket(source, f"reading the data {source}")
+    located = source if storage.is_uri(source) else os.path.abspath(source)
+    if cfg.data.crop_size:
+        if is_prepared(source):
+            raise UserError(
+                f"{source} is a prepared dataset of same-size pictures: train on it without data.crop_size, "
+                "or point data.path at the pictures themselves"
+            )
+        return located
     if is_prepared(source):
-        return source if storage.is_uri(source) else os.path.abspath(source)
+        return located
+    if folders.holds_picture_files(source):
+        raise UserError(
+            f"{source} is a folder of pictures: train on crops of them with --set data.crop_size=128 "
+            "(any side the model's downsampling divides; configs/photos.yaml is a recipe for photos)"
+        )
     if storage.is_uri(source):  # sources are read from local files: a URI can only be a prepared dataset
         raise UserError(
             f"{source} holds no prepared dataset (no manifest.json under it): prepare one there with "

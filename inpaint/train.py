@@ -1,7 +1,7 @@
 """Data-parallel training with Ray Train: the loop each worker runs (`train_loop_per_worker`).
 
 The path of one training batch, per worker:
-    Ray Data shard → `batch_to_tensor` (uint8 bytes → float images) → fresh holes (`random_masks`)
+    Ray Data shard → `batches_of` (prepared pixels, or pictures decoded and cropped) → fresh holes (`random_masks`)
     → `model_input` → model (DDP over gloo) → `reconstruction_loss` → optimizer step.
 Every epoch each worker scores its share of the validation split on fixed holes; the totals are
 all-reduced, rank 0 logs them to MLflow with a picture of fixed samples, and every worker reports to
@@ -30,7 +30,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
 from inpaint import pictures, tracking
 from inpaint.checkpoints import load_checkpoint_state, save_checkpoint_state
 from inpaint.config import Config, from_dict
-from inpaint.data import batch_to_tensor, read_split, to_float_images
+from inpaint.data import batch_to_tensor, to_float_images
+from inpaint.data.crops import crop_batch
 from inpaint.masks import apply_holes, fixed_masks, random_masks
 from inpaint.metrics import (
     VAL_METRICS,
@@ -128,6 +129,28 @@ class ImageBatches(NumpyBatchCollateFn):
         return batch_to_tensor(batch)
 
 
+class PictureCrops(NumpyBatchCollateFn):
+    """Ray Data's numpy batches of encoded pictures → their crops as (images float (N, 3, crop, crop), index):
+    the crops of training epoch `epoch`, or validation's fixed ones (`epoch` None)."""
+
+    def __init__(self, crop: int, seed: int, epoch: int | None) -> None:
+        super().__init__()
+        self.crop, self.seed, self.epoch = crop, seed, epoch
+
+    def __call__(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels = crop_batch(batch["image"], batch["name"], batch["index"], self.crop, self.seed, self.epoch)
+        return to_float_images(pixels), torch.as_tensor(batch["index"], dtype=torch.int64)
+
+
+def batches_of(cfg: Config, epoch: int | None) -> NumpyBatchCollateFn:
+    """How a worker turns its shard's rows into tensors: crops of pictures of any size (`data.crop_size`), of
+    training epoch `epoch` or validation's (None), else a prepared dataset's whole pictures."""
+    if not cfg.data.crop_size:
+        return ImageBatches()
+    seed = cfg.train.val_seed if epoch is None else cfg.train.seed
+    return PictureCrops(cfg.data.crop_size, seed, epoch)
+
+
 @dataclass
 class Worker:
     """What one Ray Train worker holds from epoch to epoch."""
@@ -161,7 +184,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     worker = start_worker(loop_config)
     first_epoch = restore(worker)
     worker.model = ray.train.torch.prepare_model(worker.module)  # DDP over gloo; worker.module stays plain
-    samples = read_split(loop_config["data"], "val", limit=worker.cfg.train.samples) if worker.rank == 0 else None
+    samples = loop_config["samples"]  # the first validation pictures, drawn by rank 0 every epoch
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     for epoch in range(first_epoch, worker.cfg.train.epochs + 1):
         started = time.perf_counter()
@@ -248,7 +271,9 @@ def train_one_epoch(worker: Worker, shard: ray.data.DataIterator, epoch: int) ->
     progress_every = max(1, worker.steps_per_epoch // 10)  # a progress line every tenth of an epoch
     worker.model.train()
     loss_sum, images_seen, started = 0.0, 0, time.perf_counter()
-    batches = shard.iter_torch_batches(batch_size=cfg.train.batch_size, collate_fn=ImageBatches(), prefetch_batches=2)
+    batches = shard.iter_torch_batches(
+        batch_size=cfg.train.batch_size, collate_fn=batches_of(cfg, epoch), prefetch_batches=2
+    )
     for step, (images, _) in enumerate(batches, start=1):
         masks = random_masks(len(images), worker.height, worker.width, cfg.masks, holes)
         loss = train_step(worker.model, worker.optimizer, worker.scheduler, images, masks, cfg)
@@ -293,7 +318,7 @@ def validate(worker: Worker, shard: ray.data.DataIterator, epoch: int, trained: 
     val_loss_sum = 0.0
     for model in scored.values():
         model.eval()
-    for images, index in shard.iter_torch_batches(batch_size=256, collate_fn=ImageBatches()):
+    for images, index in shard.iter_torch_batches(batch_size=256, collate_fn=batches_of(cfg, None)):
         masks = validation_holes(cfg, index, worker.height, worker.width)
         for prefix, model in scored.items():
             pred = fill(model, images, masks)
