@@ -192,4 +192,5 @@ def test_a_folder_with_no_usable_picture_is_refused_in_one_line(tmp_path):
     out, _ = proc.communicate(timeout=300)
     errors = [line for line in out.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and "Traceback" not in out, out[-3000:]
-    assert len(errors) == 1 and "no train picture can be used (2 unreadable, 0 smaller than the 32-px crop)" in errors[0]
+    assert len(errors) == 1, out[-3000:]
+    assert "no train picture can be used (2 unreadable, 0 smaller than the 32-px crop)" in errors[0]
