@@ -1,16 +1,18 @@
 """What the benchmarks share: the machine and its matmul peak, FLOP counts, the training step,
-synthetic datasets, `jobs/train.py` runs watched from outside, tables and JSON.
+synthetic datasets, `jobs/train.py` runs watched from outside, a tiny servable model, tables and JSON.
 
 The scripts import this file as `common` (Python puts the script's folder on the path).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
 import platform
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -21,9 +23,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from inpaint import tables
+from inpaint.checkpoints import save_checkpoint_state
 from inpaint.config import Config, load_config
 from inpaint.data import prepare
 from inpaint.masks import random_masks
@@ -290,6 +294,33 @@ def _epoch_metrics(uri: str, run_id: str) -> list[dict[str, Any]]:
     keys = ("images_per_s", "train_loss", "val_psnr_hole")
     history = {key: {m.step: m.value for m in client.get_metric_history(run_id, key)} for key in keys}
     return [{"epoch": step, **{key: history[key][step] for key in keys}} for step in sorted(history["images_per_s"])]
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving
+
+
+def quick_checkpoint(root: Path) -> str:
+    """A tiny untrained model as a checkpoint folder, as Ray Train's workers write it."""
+    cfg = load_config(None, TINY_MODEL)
+    torch.manual_seed(0)
+    folder = root / "checkpoint_000000"
+    folder.mkdir(parents=True)
+    model = build_model(cfg.model)
+    save_checkpoint_state(str(folder), {"model": model.state_dict(), "config": cfg.to_dict(), "epoch": 0})
+    return str(folder)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def png(pixels: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,9 +13,7 @@ from a checkpoint folder (no `--model` needed) with fewer requests: it shows the
 from __future__ import annotations
 
 import argparse
-import io
 import os
-import socket
 import sys
 import tempfile
 import threading
@@ -26,23 +24,13 @@ from pathlib import Path
 import numpy as np
 import ray
 import requests
-import torch
-from common import TINY_MODEL, load_average, machine, print_table, write_json
+from common import free_port, load_average, machine, png, print_table, quick_checkpoint, write_json
 from PIL import Image
 from ray import serve
 
 from inpaint import fill, tracking
-from inpaint.checkpoints import save_checkpoint_state
-from inpaint.config import load_config
-from inpaint.models import build_model
 from inpaint.runtime import configure_process
 from inpaint.serve import SETTINGS, build_app
-
-
-def png(pixels: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="PNG")
-    return out.getvalue()
 
 
 def requests_to_send(count: int, size: int, hole: int, seed: int = 0) -> list[tuple[bytes, bytes]]:
@@ -58,17 +46,6 @@ def requests_to_send(count: int, size: int, hole: int, seed: int = 0) -> list[tu
         mask[top : top + hole, left : left + hole] = 255
         bodies.append((png(image), png(mask)))
     return [bodies[i % len(bodies)] for i in range(count)]
-
-
-def quick_checkpoint(root: Path) -> str:
-    """A tiny untrained model as a checkpoint folder, as Ray Train's workers write it."""
-    cfg = load_config(None, TINY_MODEL)
-    torch.manual_seed(0)
-    folder = root / "checkpoint_000000"
-    folder.mkdir(parents=True)
-    model = build_model(cfg.model)
-    save_checkpoint_state(str(folder), {"model": model.state_dict(), "config": cfg.to_dict(), "epoch": 0})
-    return str(folder)
 
 
 def load(url: str, bodies: list[tuple[bytes, bytes]], concurrency: int) -> dict[str, float]:
@@ -99,12 +76,6 @@ def load(url: str, bodies: list[tuple[bytes, bytes]], concurrency: int) -> dict[
         "p95_ms": float(np.percentile(latencies, 95)),
         "p99_ms": float(np.percentile(latencies, 99)),
     }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,8 +12,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import cv2
+import numpy as np
 import pytest
+from PIL import Image
 
+from inpaint.masks import KINDS as MASK_KINDS
 from inpaint.models.blocks import BLOCKS, DOWNSAMPLINGS, UPSAMPLINGS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,21 +25,25 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run_benchmark(name: str, tmp_path: Path) -> dict[str, Any]:
     out = tmp_path / f"{name}.json"
-    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / f"{name}.py"), "--quick", "--json", str(out)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    proc = run_script(name, tmp_path, "--quick", "--json", str(out))
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "load average" in proc.stdout
     result = json.loads(out.read_text())
     assert result["benchmark"] == name and result["quick"] is True
     assert result["machine"]["cores"] >= 1
     return result
+
+
+def run_script(name: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    return subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / f"{name}.py"), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 def positive(row: dict[str, Any], *keys: str) -> None:
@@ -125,3 +133,51 @@ def test_serve_load(tmp_path):
         assert row["errors"] == 0
         positive(row, "requests_per_s", "p50_ms", "p99_ms", "mean_batch")
         assert row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
+
+
+def smooth_photo(height: int, width: int, seed: int) -> np.ndarray:
+    """A photo-like picture: smooth colour blobs and a little grain, so that every fill scores a finite PSNR."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, size=(height // 16 + 2, width // 16 + 2, 3)).astype(np.uint8)
+    smooth = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC).astype(int)
+    return np.clip(smooth + rng.integers(-8, 9, size=smooth.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.ray
+def test_photo_holes(tmp_path):
+    """Quick mode on three photos of other sizes and formats: a row per photo and hole kind, the known pixels
+    back from the server unchanged, and Telea's figure equal to cv2.inpaint's on that hole, computed here."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    sizes = {"a.png": (64, 80), "b.jpg": (96, 72), "c.png": (70, 70)}  # (height, width)
+    for seed, (name, (height, width)) in enumerate(sizes.items()):
+        Image.fromarray(smooth_photo(height, width, seed)).save(photos / name)
+    (photos / "README.md").write_text("not a photo")
+    kinds = ["square16", "square32", "square48"] + (["strokes"] if "strokes" in MASK_KINDS else [])
+    out = tmp_path / "photo_holes.json"
+    args = ["--quick", "--photos", str(photos), "--kinds", ",".join(kinds), "--json", str(out)]
+    proc = run_script("photo_holes", tmp_path, *args, "--picture", str(tmp_path / "examples.png"))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "load average" in proc.stdout and "photos 3/3" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["benchmark"] == "photo_holes" and result["quick"] is True and result["machine"]["cores"] >= 1
+    rows = result["rows"]
+    assert [(row["photo"], row["kind"]) for row in rows] == [(name, kind) for name in sizes for kind in kinds]
+    assert [s["kind"] for s in result["summary"]] == [*kinds, "all"]
+    assert [s["holes"] for s in result["summary"]] == [3] * len(kinds) + [3 * len(kinds)]
+    assert all(row["known_changed"] == 0 for row in rows)
+    for row in rows:
+        assert all(np.isfinite(row[f"psnr_{method}"]) for method in ("model", "telea", "ns")), row
+    assert Image.open(tmp_path / "examples.png").size[0] > 4 * 128
+
+    row = next(row for row in rows if row["photo"] == "b.jpg" and row["kind"] == "square32")
+    top, left, height, width = row["box"]
+    assert (height, width) == (32, 32) and row["hole_pixels"] == 32 * 32
+    assert top + height <= 96 and left + width <= 72
+    truth = np.array(Image.open(photos / "b.jpg").convert("RGB"))  # the JPEG as decoded: the server's truth too
+    hole = np.zeros(truth.shape[:2], np.uint8)
+    hole[top : top + height, left : left + width] = 1
+    telea = cv2.inpaint(truth, hole, 3, cv2.INPAINT_TELEA)
+    error = (telea.astype(float) - truth.astype(float))[hole == 1] / 255
+    assert row["psnr_telea"] == pytest.approx(10 * np.log10(1 / np.mean(error**2)), abs=1e-3)
+    assert row["l1_telea"] == pytest.approx(np.mean(np.abs(error)), abs=1e-5)
