@@ -85,9 +85,9 @@ def main(argv: list[str] | None = None) -> None:
         read_manifest(args.data)
     images, index, split = load_images(args.data, args.limit)
     try:
-        holes.validate(*images.shape[1:3])
+        holes.validate(*images.shape[1:3], section="holes")
     except ValueError as err:
-        raise UserError(f"--holes: {err}") from None
+        raise UserError(str(err)) from None
     uris = {name: uri for name, uri in [("model", args.model), ("model2", args.second_model)] if uri}
     models = {name: load_model(uri, tracking_uri) for name, uri in uris.items()}
 

@@ -243,7 +243,7 @@ def model_without_config(trained) -> str:
         ({"--model": str(REPO)}, "holds no state.pt"),
         ({"--model": model_without_config}, "models:/bare/1 was not logged by jobs/train.py: its run"),
         ({"--data": "no/such/data"}, "source no/such/data does not exist"),
-        ({"--holes": "random", "--max-size": "40"}, "hole max_size (40) is larger than the 32×32 images"),
+        ({"--holes": "random", "--max-size": "40"}, "holes.max_size = 40 is larger than the 32×32 images"),
     ],
 )
 def test_evaluation_job_bad_input_is_one_error_line(trained, tiny_data, capsys, change, message):
