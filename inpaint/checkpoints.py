@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from inpaint.config import Config, from_dict
-from inpaint.masks import DIAGONAL_SIZE
+from inpaint.masks import DIAGONAL_SIZE, THICK_STROKE_WIDTHS
 from inpaint.models import InpaintingNetwork, TrainScale, build_model
 
 CHECKPOINT_FILE = "state.pt"
@@ -40,11 +40,20 @@ def delivered_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
 def train_scale(cfg: Config) -> TrainScale:
     """The scale a run of `cfg` trains at, which the fill path shrinks large holes to: its pictures' size
     (`data.image_size`; CIFAR-10's 32×32 where a config written before that key says none) and its holes'
-    typical side (the middle of `masks.min_size`..`max_size`; the paper's diagonal squares' side)."""
+    typical thickness: the middle of `masks.min_size`..`max_size` for random squares; the paper's diagonal
+    squares' side; for strokes, the widest thick stroke at that size (16% of the shorter side: 5 px on 32×32,
+    20 px on 128×128); for mixed holes, the largest square side `max_size`, which it learnt at full size."""
     size = tuple(cfg.data.image_size) if cfg.data.image_size else TrainScale.size
-    if cfg.masks.kind == "diagonal":
-        return TrainScale(size, float(DIAGONAL_SIZE))
-    return TrainScale(size, (cfg.masks.min_size + cfg.masks.max_size) / 2)
+    match cfg.masks.kind:
+        case "diagonal":
+            hole = float(DIAGONAL_SIZE)
+        case "strokes":
+            hole = THICK_STROKE_WIDTHS[1] * min(size)
+        case "mixed":
+            hole = float(cfg.masks.max_size)
+        case _:
+            hole = (cfg.masks.min_size + cfg.masks.max_size) / 2
+    return TrainScale(size, hole)
 
 
 def model_from_state(state: dict[str, Any]) -> InpaintingNetwork:

@@ -131,8 +131,8 @@ class Config:
                 raise UserError(f"{key} = {get(self, key)!r} {why}")
         try:
             self.model.validate()
-            self.masks.validate()
-            self.val_masks.validate()
+            self.masks.validate(section="masks")
+            self.val_masks.validate(section="val_masks")
         except ValueError as err:
             raise UserError(str(err)) from None
         return self

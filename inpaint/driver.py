@@ -94,9 +94,9 @@ def check_data(cfg: Config, data: str) -> None:
         )
     for name in ("masks", "val_masks"):
         try:
-            getattr(cfg, name).validate(height, width)
+            getattr(cfg, name).validate(height, width, section=name)
         except ValueError as err:
-            raise UserError(f"{name}: {err}") from None
+            raise UserError(str(err)) from None
 
 
 def with_image_size(cfg: Config, data: str) -> Config:

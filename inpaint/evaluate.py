@@ -113,18 +113,23 @@ def load_images(source: str, limit: int | None = None) -> tuple[np.ndarray, np.n
     return images, index, split
 
 
-def holes_params(holes: MaskConfig, seed: int) -> dict[str, int | str]:
+def holes_params(holes: MaskConfig, seed: int) -> dict[str, int | float | str]:
     """The settings that fix the holes, and a phrase saying what they are."""
-    if holes.kind == "diagonal":
-        return {"kind": "diagonal", "seed": seed, "description": f"diagonal 11×11 squares, seed {seed}"}
-    sizes = f"{holes.min_size}–{holes.max_size}"
-    return {
-        "kind": "random",
-        "min_size": holes.min_size,
-        "max_size": holes.max_size,
-        "seed": seed,
-        "description": f"random squares of side {sizes} px, seed {seed}",
-    }
+    squares = {"min_size": holes.min_size, "max_size": holes.max_size}
+    strokes = {"min_coverage": holes.min_coverage, "max_coverage": holes.max_coverage}
+    squares_text = f"squares of side {holes.min_size}–{holes.max_size} px"
+    strokes_text = f"brush strokes and boxes over {holes.min_coverage:.0%}–{holes.max_coverage:.0%} of the picture"
+    match holes.kind:
+        case "diagonal":
+            params, text = {}, "diagonal 11×11 squares"
+        case "strokes":
+            params, text = strokes, strokes_text
+        case "mixed":
+            params = squares | strokes | {"square_share": holes.square_share}
+            text = f"{squares_text} on {holes.square_share:.0%} of the images, else {strokes_text}"
+        case _:
+            params, text = squares, f"random {squares_text}"
+    return {"kind": holes.kind, **params, "seed": seed, "description": f"{text}, seed {seed}"}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
@@ -32,7 +33,14 @@ RANGES = ("randint", "uniform", "loguniform")  # written [lo, hi]
 # One value per study: the data is prepared once, the cluster and MLflow are shared, and ASHA
 # compares trials on the same metric with the same epoch budget.
 NOT_SEARCHABLE = ("data.", "scaling.", "tracking.", "train.epochs", "train.best_metric")
-ANY_HOLES = {"masks.min_size": 1, "masks.max_size": 1_000_000}  # a pair no searched value conflicts with
+HOLE_RANGES = (("masks.min_size", "masks.max_size"), ("masks.min_coverage", "masks.max_coverage"))  # (min, max)
+# the widest hole ranges, which no searched value conflicts with
+ANY_HOLES = {
+    "masks.min_size": 1,
+    "masks.max_size": 1_000_000,
+    "masks.min_coverage": math.nextafter(0, 1),
+    "masks.max_coverage": math.nextafter(1, 0),
+}
 ASHA_CLOCKS = {"epoch": "epoch", "minutes": "training_minutes"}  # asha_time_attr → the metric ASHA's rungs count
 
 
@@ -132,10 +140,15 @@ class Space:
         values = self.searched[key].args if key in self.searched else [get(cfg, key)]
         return min(values), max(values)
 
-    def widest_holes(self, cfg: Config) -> Config:
-        """`cfg` with the smallest hole min_size and the largest max_size of the study."""
+    def widest_holes(self, cfg: Config) -> list[Config]:
+        """`cfg` with the smallest hole min_size and the largest max_size of the study, once for each hole
+        family it draws (each fits the images its own way)."""
         lowest, highest = self.bounds("masks.min_size", cfg)[0], self.bounds("masks.max_size", cfg)[1]
-        return with_values(cfg, {"masks.min_size": lowest, "masks.max_size": highest})
+        kinds = self.searched["masks.kind"].args if "masks.kind" in self.searched else [cfg.masks.kind]
+        return [
+            with_values(cfg, {"masks.kind": kind, "masks.min_size": lowest, "masks.max_size": highest})
+            for kind in kinds
+        ]
 
 
 def load_space(path: str | os.PathLike) -> Space:
@@ -249,7 +262,8 @@ def parse_search(where: str, value: dict) -> Search:
 
 def check_space(space: Space, cfg: Config) -> None:
     """Refuse a space that cannot train on top of `cfg`, naming the key: every choice and both ends of
-    every range must be valid config values, and every hole min_size at most every max_size."""
+    every range must be valid config values, and every hole min_size (min_coverage) at most every max_size
+    (max_coverage)."""
     for key, search in space.searched.items():
         for value in search.args:
             try:  # on holes that fit any value, so that only the value itself can fail
@@ -263,10 +277,11 @@ def check_space(space: Space, cfg: Config) -> None:
                     f"{space.path}: baseline: true starts from {key} = {value!r}, which {space.searched[key]} "
                     "cannot draw: widen the search, set the key's starting value, or drop baseline"
                 )
-    _, highest_min = space.bounds("masks.min_size", cfg)
-    lowest_max, _ = space.bounds("masks.max_size", cfg)
-    if highest_min > lowest_max:
-        raise UserError(
-            f"{space.path}: masks.min_size reaches {highest_min} but masks.max_size goes down to {lowest_max}: "
-            "keep every min_size at most every max_size, e.g. {randint: [4, 8]} and {randint: [8, 16]}"
-        )
+    for low, high in HOLE_RANGES:
+        _, highest_min = space.bounds(low, cfg)
+        lowest_max, _ = space.bounds(high, cfg)
+        if highest_min > lowest_max:
+            raise UserError(
+                f"{space.path}: {low} reaches {highest_min} but {high} goes down to {lowest_max}: keep every "
+                f"{low} at most every {high}: ranges that meet at most, e.g. [4, 8] and [8, 16]"
+            )

@@ -192,7 +192,8 @@ def run_study(space: Space, cfg: Config, *, samples: int, resume: bool = False) 
         cfg = load_config(None, base=saved)
     check_space(space, cfg)
     data = prepare_data(cfg)
-    check_data(space.widest_holes(cfg), data)
+    for widest in space.widest_holes(cfg):
+        check_data(widest, data)
     cfg = with_image_size(cfg, data)
     storage_root = storage_path(cfg)
     folder = f"{storage_root.rstrip('/')}/{name}"

@@ -4,6 +4,7 @@ python jobs/evaluate.py --model models:/inpaint-fused-unet@champion --data data/
 python jobs/evaluate.py --model runs/fused-20261124-212241/checkpoint_2026-11-24_21-28-03.862916 \\
     --second-model models:/inpaint-unet/3 --data DIR --holes random --min-size 8 --max-size 16 --json eval.json
 python jobs/evaluate.py --model models:/inpaint-fused-unet@best --data DIR --flip-average   # + row model-flip
+python jobs/evaluate.py --model models:/inpaint-fused-unet@best --data DIR --holes strokes --max-coverage 0.2
 """
 
 from __future__ import annotations
@@ -53,6 +54,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--holes", choices=KINDS, default="diagonal", help="hole family (default: %(default)s)")
     parser.add_argument("--min-size", type=int, default=8, help="smallest random square side (default: %(default)s)")
     parser.add_argument("--max-size", type=int, default=16, help="largest random square side (default: %(default)s)")
+    parser.add_argument(
+        "--min-coverage",
+        type=float,
+        default=MaskConfig.min_coverage,
+        help="strokes and mixed: the smallest share of the picture the holes cover (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-coverage",
+        type=float,
+        default=MaskConfig.max_coverage,
+        help="strokes and mixed: the largest share of the picture the holes cover (default: %(default)s)",
+    )
     parser.add_argument("--limit", type=int, help="evaluate on the first N images only")
     parser.add_argument(
         "--seed",
@@ -77,7 +90,13 @@ def main(argv: list[str] | None = None) -> None:
     configure_process()
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be a positive number of images, got {args.limit}")
-    holes = MaskConfig(kind=args.holes, min_size=args.min_size, max_size=args.max_size)
+    holes = MaskConfig(
+        kind=args.holes,
+        min_size=args.min_size,
+        max_size=args.max_size,
+        min_coverage=args.min_coverage,
+        max_coverage=args.max_coverage,
+    )
     tracking_uri = tracking.resolve_tracking_uri(args.tracking_uri)
     tracking.check_tracking(tracking_uri)
     if storage.is_uri(args.data):  # an object store holds prepared datasets only: name what is wrong in one line
@@ -85,9 +104,9 @@ def main(argv: list[str] | None = None) -> None:
         read_manifest(args.data)
     images, index, split = load_images(args.data, args.limit)
     try:
-        holes.validate(*images.shape[1:3])
+        holes.validate(*images.shape[1:3], section="holes")
     except ValueError as err:
-        raise UserError(f"--holes: {err}") from None
+        raise UserError(str(err)) from None
     uris = {name: uri for name, uri in [("model", args.model), ("model2", args.second_model)] if uri}
     models = {name: load_model(uri, tracking_uri) for name, uri in uris.items()}
 

@@ -208,6 +208,17 @@ def test_evaluation_job_on_a_raw_source_of_any_size(trained, hf_file, tmp_path):
     assert all(np.isfinite(row["psnr_hole"]) for row in report["rows"])
 
 
+@pytest.mark.parametrize("kind", ["strokes", "mixed"])
+def test_evaluation_job_scores_free_form_holes(trained, tiny_data, tmp_path, kind):
+    args = ["--model", str(trained.checkpoint), "--data", str(tiny_data), "--holes", kind, "--max-coverage", "0.2"]
+    args += ["--tracking-uri", trained.tracking_uri, "--json", str(tmp_path / "e")]
+    job("evaluate")(args)
+    report = json.loads((tmp_path / "e").read_text())
+    assert report["holes"]["kind"] == kind and report["holes"]["max_coverage"] == 0.2
+    assert "5%–20% of the picture" in report["holes"]["description"]
+    assert all(np.isfinite(row["psnr_hole"]) for row in report["rows"])
+
+
 def wrong_architecture(trained) -> str:
     """A checkpoint whose config describes wider layers than its weights have."""
     state = torch.load(trained.checkpoint / CHECKPOINT_FILE, weights_only=True)
@@ -243,7 +254,7 @@ def model_without_config(trained) -> str:
         ({"--model": str(REPO)}, "holds no state.pt"),
         ({"--model": model_without_config}, "models:/bare/1 was not logged by jobs/train.py: its run"),
         ({"--data": "no/such/data"}, "source no/such/data does not exist"),
-        ({"--holes": "random", "--max-size": "40"}, "hole max_size (40) is larger than the 32×32 images"),
+        ({"--holes": "random", "--max-size": "40"}, "holes.max_size = 40 is larger than the 32×32 images"),
     ],
 )
 def test_evaluation_job_bad_input_is_one_error_line(trained, tiny_data, capsys, change, message):

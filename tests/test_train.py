@@ -157,8 +157,8 @@ def test_stopped_run_resumes_and_logs_each_epoch_once(interruptible_data, tmp_pa
         (["--address", "127.0.0.1:1"], "no Ray cluster at '127.0.0.1:1'"),
         (["--tracking-uri", "http://127.0.0.1:1"], "MLflow tracking server not reachable at http://127.0.0.1:1"),
         (["--data", "/nonexistent/cifar"], "/nonexistent/cifar"),
-        (["--set", "masks.max_size=40"], "masks: hole max_size (40) is larger than the 32×32 images"),
-        (["--set", "masks.min_size=9", "--set", "masks.max_size=5"], "min_size (9) is larger than max_size (5)"),
+        (["--set", "masks.max_size=40"], "masks.max_size = 40 is larger than the 32×32 images"),
+        (["--set", "masks.min_size=9", "--set", "masks.max_size=5"], "masks.min_size = 9 is larger than max_size (5)"),
         (["--limit", "9"], "data.limit = 9 must be at least 10"),
     ],
 )

@@ -118,6 +118,7 @@ def test_bad_space_file_is_refused_naming_the_key(tmp_path, text, message):
         ("model.fusion: {choice: [add, sum]}", "model.fusion = 'sum' cannot train"),
         ("masks.min_size: {randint: [4, 12]}\nmasks.max_size: {randint: [8, 16]}", "masks.min_size reaches 12"),
         ("masks.max_size: {randint: [4, 12]}", "masks.max_size goes down to 4"),  # min_size stays 8
+        ("masks.max_coverage: {uniform: [0.3, 1.0]}", "masks.max_coverage = 1.0 cannot train: masks.max_coverage"),
         ("baseline: true\ntrain.lr: {loguniform: [1.0e-4, 1.0e-3]}", "starts from train.lr = 0.002, which"),
         ("baseline: true\nmodel.fusion: {choice: [add]}", "starts from model.fusion = 'concat', which"),
     ],
@@ -126,6 +127,18 @@ def test_space_values_that_cannot_train_are_refused_naming_the_key(tmp_path, tex
     space = load_space(write(tmp_path, text))
     with pytest.raises(UserError, match=re.escape(message)):
         check_space(space, load_config(None, values=space.fixed))
+
+
+def test_a_space_can_search_the_hole_family_and_its_coverage(tmp_path):
+    text = "masks.kind: {choice: [random, strokes, mixed]}\nmasks.max_coverage: {uniform: [0.2, 0.5]}\n"
+    space = load_space(write(tmp_path, text))
+    cfg = load_config(None, values=space.fixed)
+    check_space(space, cfg)
+    assert space.param_space()["masks.kind"].categories == ["random", "strokes", "mixed"]
+    assert [widest.masks.kind for widest in space.widest_holes(cfg)] == ["random", "strokes", "mixed"]
+    overlapping = "masks.min_coverage: {uniform: [0.1, 0.4]}\nmasks.max_coverage: {uniform: [0.3, 0.6]}\n"
+    with pytest.raises(UserError, match=re.escape("masks.min_coverage reaches 0.4 but masks.max_coverage goes")):
+        check_space(load_space(write(tmp_path, overlapping)), cfg)
 
 
 def asha_decisions(space: Space) -> list[str]:
@@ -177,6 +190,21 @@ def test_bad_space_file_stops_the_job_in_one_line_before_ray_starts(tmp_path):
         f"error: {space}: model.mixer_depth: empty range [4, 1]: lo must be below hi (a plain value fixes the key)"
     ]
     assert "Traceback" not in out and "Started a local Ray" not in out and time.monotonic() - started < 60
+
+
+def test_a_searched_hole_family_that_does_not_fit_the_images_stops_the_study_before_ray_starts(tiny_data, tmp_path):
+    """The study starts from strokes, which fit 32×32 pictures whatever max_size says, but its random squares
+    of 40 px do not."""
+    write(tmp_path, "masks.kind: {choice: [strokes, random]}\nmasks.max_size: 40\n")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = ["--space", "space.yaml", "--data", str(tiny_data), "--set", "masks.kind=strokes"]
+    proc = run_job(args, tmp_path, uri, "tune.py")
+    out, _ = proc.communicate(timeout=120)
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and errors == [
+        "error: masks.max_size = 40 is larger than the 32×32 images: use at most 32"
+    ], out[-2000:]
+    assert "Traceback" not in out and "Started a local Ray" not in out
 
 
 def test_importances_credit_the_key_that_moves_the_metric_at_the_epoch_every_trial_reached():
