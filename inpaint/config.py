@@ -33,7 +33,8 @@ class DataConfig:
     path: str = ""  # a prepared dataset, or any source jobs/prepare.py takes (default: $INPAINT_DATA)
     prepared: str = ""  # where a source gets prepared (default: data/prepared-<name> in the cwd)
     # quick runs: the first N images, a tenth of them (at most `val`) for validation, the rest for training;
-    # from a source or from an already-prepared dataset alike
+    # from a source or from an already-prepared dataset alike (pictures of any size: the first N of each
+    # split's folder, or of the listing a share validates from)
     limit: int | None = None
     val: int = 5000  # validation images split off the training set when a source is prepared
     val_limit: int | None = None  # validate on the first N validation images only

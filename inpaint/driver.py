@@ -33,7 +33,7 @@ from inpaint.data.sources import report
 from inpaint.errors import RunFailed, RunStopped, UserError
 from inpaint.masks import apply_holes
 from inpaint.metrics import metric_mode
-from inpaint.models import model_input
+from inpaint.models import TrainScale, model_input
 from inpaint.train import CURVES, train_loop_per_worker, validation_holes
 
 
@@ -252,10 +252,16 @@ def log_checkpoint_model(
         model,
         input_example=model_input(apply_holes(images, masks), masks).numpy(),
         registered_name=cfg.registered_model,
-        tags={**val_tags, "epoch": str(state["epoch"])},
+        tags={**val_tags, "epoch": str(state["epoch"]), **scale_tags(model.train_scale)},
         tracking_uri=tracking_uri,
     )
     return model_uri, state
+
+
+def scale_tags(scale: TrainScale) -> dict[str, str]:
+    """The scale a registered version learnt at, as the MLflow UI shows it: the fill path reads it from the
+    saved config and shrinks larger holes to it."""
+    return {"train_size": f"{scale.size[0]}x{scale.size[1]}", "train_hole_px": f"{scale.hole:g}"}
 
 
 def finish_run(

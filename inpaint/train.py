@@ -139,7 +139,7 @@ class PictureCrops(NumpyBatchCollateFn):
 
     def __call__(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         pixels = crop_batch(batch["image"], batch["name"], batch["index"], self.crop, self.seed, self.epoch)
-        return to_float_images(pixels), torch.as_tensor(batch["index"], dtype=torch.int64)
+        return to_float_images(pixels), torch.tensor(batch["index"], dtype=torch.int64)  # a copy: Ray's is read-only
 
 
 def batches_of(cfg: Config, epoch: int | None) -> NumpyBatchCollateFn:

@@ -173,6 +173,9 @@ def test_training_on_a_folder_of_pictures_registers_a_model_of_that_scale(pictur
 
     model = load_model(result["model_uri"], tracking_uri=uri)
     assert model.train_scale.size == (48, 48)  # what serve and jobs/inpaint_image.py fill at
+    name, version = result["model_uri"].removeprefix("models:/").split("/")
+    tags = client.get_model_version(name, version).tags
+    assert tags["train_size"] == "48x48" and tags["train_hole_px"] == f"{model.train_scale.hole:g}"
     photo = smooth_picture(90, 130, 5)
     hole = np.zeros((90, 130), bool)
     hole[30:50, 40:70] = True

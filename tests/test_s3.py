@@ -253,6 +253,36 @@ def test_train_reads_s3_writes_checkpoints_and_artifacts_there_and_models_load(s
     assert filled.returncode == 0 and (tmp_path / "filled.png").exists(), filled.stdout + filled.stderr
 
 
+def test_train_on_a_folder_of_pictures_in_s3(s3, tmp_path):
+    """A user's pictures under s3://inpaint/photos/ (nested, mixed formats and sizes, one corrupt), trained on
+    as they are: Ray Data reads them from the bucket, the workers crop them."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    fs = s3.fs()
+    for i, (height, width, fmt) in enumerate([(40, 56, "PNG"), (48, 36, "JPEG"), (64, 64, "WEBP"), (36, 50, "PNG"),
+                                              (50, 40, "JPEG"), (44, 44, "PNG")]):  # fmt: skip
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(buffer, format=fmt)
+        with fs.open_output_stream(f"{BUCKET}/photos/{'a/b/' if i % 2 else ''}p{i}.{fmt.lower()}") as file:
+            file.write(buffer.getvalue())
+    with fs.open_output_stream(f"{BUCKET}/photos/a/broken.jpg") as file:
+        file.write(b"not a picture")
+    env = s3.env | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    args = ["--data", f"s3://{BUCKET}/photos", "--workers", "2", "--epochs", "1", "--json", "result.json"]
+    args += settings(*SMALL_MODEL, "data.crop_size=32", "data.val_share=0.3", "masks.kind=mixed")
+    proc = job("train.py", args, env, tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "epoch 1/1" in out, out[-4000:]
+    assert f"train: left out 1 unreadable file(s) of 5: s3://{BUCKET}/photos/a/broken.jpg (" in out, out[-4000:]
+    assert "data: 4 training and 2 validation images" in out  # the seeded share: p0.png and a/b/p5.png validate
+    assert not any(secret in out for secret in s3.secrets())
+    run = MlflowClient(env["MLFLOW_TRACKING_URI"]).get_run(json.loads((tmp_path / "result.json").read_text())["run_id"])
+    assert run.data.params["data.path"] == f"s3://{BUCKET}/photos" and run.data.params["data.image_size"] == "[32, 32]"
+
+
 def s3_registered_epochs(s3: S3Server, run_name: str) -> list[int]:
     """The epochs whose checkpoints Ray Train has registered, read from the run's folder on S3."""
     snapshot = s3.read_json(f"ckpt/{run_name}/checkpoint_manager_snapshot.json") or {}

@@ -76,28 +76,32 @@ def list_pictures(
     source: str, val_path: str, val_share: float, seed: int, limit: int | None
 ) -> dict[str, list[Picture]]:
     """The train and val pictures of `source`: validation from `val_path`, else from a `val/` (or
-    `validation/`) folder in `source`, else a `val_share` of them drawn with `seed`; the first `limit` pictures of
-    each listing only, where given."""
-    pictures = _pictures(source)[:limit]
+    `validation/`) folder in `source`, else a `val_share` of them drawn with `seed`. `limit` keeps the first
+    pictures of each split's folder, or of the listing a share is drawn from."""
+    pictures = _pictures(source)
     if not pictures:
         raise UserError(
             f"{source} holds no pictures: expected {', '.join(EXTENSIONS)} files (nested folders are fine) "
             f"or Hugging Face Parquet ({LAYOUT})"
         )
     if val_path:
-        return {"train": pictures, "val": _pictures(val_path)[:limit]}
+        return {"train": pictures[:limit], "val": _pictures(val_path)[:limit]}
     root = str(source).rstrip("/")
-    in_val_folder = np.array([path[len(root) :].strip("/").split("/")[0] in VAL_FOLDERS for path, _, _ in pictures])
-    if not in_val_folder.any():
-        if not 0 < val_share < 1:
-            raise UserError(f"data.val_share = {val_share!r}: give a share between 0 and 1, e.g. 0.1")
-        if len(pictures) < 2:
-            raise UserError(f"{source} holds 1 picture: training and validation need 2 at least")
-        count = min(len(pictures) - 1, max(1, round(len(pictures) * val_share)))
-        in_val_folder[np.random.default_rng(seed).permutation(len(pictures))[:count]] = True
+    in_val_folder = [path[len(root) :].strip("/").split("/")[0] in VAL_FOLDERS for path, _, _ in pictures]
+    if any(in_val_folder):
+        split = {"train": [], "val": []}
+        for picture, val in zip(pictures, in_val_folder, strict=True):
+            split["val" if val else "train"].append(picture)
+        return {name: listed[:limit] for name, listed in split.items()}
+    pictures = pictures[:limit]
+    if len(pictures) < 2:
+        raise UserError(f"{source} holds 1 picture: training and validation need 2 at least")
+    count = min(len(pictures) - 1, max(1, round(len(pictures) * val_share)))  # one at least, never all
+    is_val = np.zeros(len(pictures), dtype=bool)
+    is_val[np.random.default_rng(seed).permutation(len(pictures))[:count]] = True
     return {
-        "train": [p for p, val in zip(pictures, in_val_folder, strict=True) if not val],
-        "val": [p for p, val in zip(pictures, in_val_folder, strict=True) if val],
+        "train": [p for p, val in zip(pictures, is_val, strict=True) if not val],
+        "val": [p for p, val in zip(pictures, is_val, strict=True) if val],
     }
 
 
