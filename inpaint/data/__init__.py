@@ -5,7 +5,9 @@ One module a source, each finding its own layout (the table is `sources.SOURCES`
 - `hf_parquet`: Parquet in the Hugging Face image layout, one file or a folder of shards.
 
 Beside them, `prepared` writes a source as a prepared dataset and reads it back, and `images` turns
-encoded pictures into pixels and pixels into the model's tensors.
+encoded pictures into pixels and pixels into the model's tensors. Pictures of any size are not prepared:
+`folders` lists a folder of picture files (or Parquet of any sizes) and reads it with Ray Data, encoded,
+and `crops` cuts the training and validation crops in the workers' batch path.
 """
 
 from inpaint.data.images import ImageTooLarge, decode_image, read_image, to_float_images, to_uint8_images
