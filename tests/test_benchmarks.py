@@ -6,6 +6,7 @@ read from the benchmarks' own output on a quiet machine (see benchmarks/README.m
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -84,6 +85,22 @@ def test_data_path(tmp_path):
     positive(result, "read_images_per_s")
     for row in result["rows"]:
         positive(row, "ingest_images_per_s", "ingest_cpu_ms_per_image", "train_images_per_s", "ingest_vs_train")
+
+
+def test_picture_crops(tmp_path):
+    """Quick mode on its generated pictures: a row per crop size with every rate positive and finite, and the
+    data path's share the step's rate over the collate's."""
+    result = run_benchmark("picture_crops", tmp_path)
+    assert result["threads"] == 1 and result["precision"] in ("bf16", "fp32")
+    assert result["pictures"]["count"] == 6 and result["pictures"]["formats"] == [".jpg", ".png", ".webp"]
+    assert "picture_crops.py --quick" in result["command"]
+    assert [row["crop"] for row in result["rows"]] == [64, 96]
+    for row in result["rows"]:
+        keys = ("crops_per_s_per_cpu", "tensors_per_s_per_cpu", "crop_cpu_ms", "tensor_cpu_ms")
+        keys += ("step_images_per_s_per_cpu", "step_cpu_ms_per_image", "data_share", "data_share_cpu")
+        assert all(math.isfinite(row[key]) for key in keys), row
+        positive(row, *keys)
+        assert row["data_share"] == pytest.approx(row["step_images_per_s_per_cpu"] / row["tensors_per_s_per_cpu"])
 
 
 @pytest.mark.ray
