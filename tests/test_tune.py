@@ -170,7 +170,8 @@ def test_asha_judges_trials_at_equal_training_minutes_when_asked(tmp_path):
 @pytest.mark.parametrize("path", sorted((REPO / "tune_spaces").glob("*.yaml")), ids=lambda path: path.name)
 def test_every_shipped_space_file_can_train(path):
     space = load_space(path)
-    check_space(space, load_config(None, values=space.fixed))
+    command = re.search(r"--config (\S+)", path.read_text())  # the config its documented command starts from
+    check_space(space, load_config(REPO / command.group(1) if command else None, values=space.fixed))
 
 
 def test_bad_space_file_stops_the_job_in_one_line_before_ray_starts(tmp_path):
