@@ -85,19 +85,29 @@ def test_two_worker_run_is_tracked_and_registered(tiny_data, tmp_path):
     assert metrics["best_epoch"] == epoch and metrics["best_val_psnr_hole"] == pytest.approx(logged[epoch], abs=1e-6)
 
 
-def test_the_weights_moving_average_is_validated_and_registered_when_asked_for(tiny_data, tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    args = ["--data", str(tiny_data), "--workers", "1", "--epochs", "2", "--json", "result.json"]
+@pytest.fixture(scope="module")
+def one_worker_run(tiny_data, tmp_path_factory) -> dict:
+    """One 1-worker run of 2 epochs for two tests, each on a setting of its own: the weights' moving average
+    (train.ema_decay), and `--limit 40` on the prepared dataset given relative to the job's folder."""
+    root = tmp_path_factory.mktemp("one-worker")
+    uri = f"sqlite:///{root}/mlflow.db"
+    args = ["--data", os.path.relpath(tiny_data, root), "--limit", "40", "--workers", "1", "--epochs", "2"]
+    args += ["--json", "result.json"]
     args += [f"--set={s}" for s in [*SMALL_MODEL, "train.ema_decay=0.9", "tracking.run_name=ema"]]
-    finish(run_job(args, tmp_path, uri))
-    result = json.loads((tmp_path / "result.json").read_text())
+    out = finish(run_job(args, root, uri))
+    return {"root": root, "uri": uri, "out": out, "result": json.loads((root / "result.json").read_text())}
+
+
+def test_the_weights_moving_average_is_validated_and_registered_when_asked_for(one_worker_run):
+    uri, result = one_worker_run["uri"], one_worker_run["result"]
     client = MlflowClient(uri)
     metrics = client.get_run(result["run_id"]).data.metrics
     assert metrics["raw_val_psnr_hole"] != metrics["val_psnr_hole"]  # both weights scored, apart
 
     name, version = result["model_uri"].removeprefix("models:/").split("/")
     epoch = int(client.get_model_version(name, version).tags["epoch"])
-    states = [torch.load(path, weights_only=True) for path in (tmp_path / "runs" / "ema").glob("checkpoint_*/state.pt")]
+    checkpoints = (one_worker_run["root"] / "runs" / "ema").glob("checkpoint_*/state.pt")
+    states = [torch.load(path, weights_only=True) for path in checkpoints]
     (state,) = [state for state in states if state["epoch"] == epoch]
     mlflow.set_tracking_uri(uri)
     registered = mlflow.pytorch.load_model(result["model_uri"]).state_dict()
@@ -173,18 +183,14 @@ def test_bad_input_stops_with_one_line(tiny_data, tmp_path, args, message):
     assert "Traceback" not in out
 
 
-def test_limit_applies_to_a_prepared_dataset(tiny_data, tmp_path):
+def test_limit_applies_to_a_prepared_dataset(one_worker_run):
     """--limit on an already-prepared dataset (64 training, 32 validation images) keeps the first N images,
     split 9:1 as a limited source is, without preparing anything again; given as a path relative to where the
     job runs, which the workers (in other folders) read too."""
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    args = ["--data", os.path.relpath(tiny_data, tmp_path), "--limit", "20", "--workers", "1", "--epochs", "1"]
-    args += ["--json", "result.json"]
-    out = finish(run_job([*args, *(f"--set={s}" for s in SMALL_MODEL)], tmp_path, uri))
-    assert "data: 18 training and 2 validation images" in out
-    run = MlflowClient(uri).get_run(json.loads((tmp_path / "result.json").read_text())["run_id"])
-    assert (run.data.tags["data.train_rows"], run.data.tags["data.val_rows"]) == ("18", "2")
-    assert not (tmp_path / "data").exists()  # nothing prepared
+    assert "data: 36 training and 4 validation images" in one_worker_run["out"]
+    run = MlflowClient(one_worker_run["uri"]).get_run(one_worker_run["result"]["run_id"])
+    assert (run.data.tags["data.train_rows"], run.data.tags["data.val_rows"]) == ("36", "4")
+    assert not (one_worker_run["root"] / "data").exists()  # nothing prepared
 
 
 def test_a_dataset_without_validation_images_is_refused_in_one_line(hf_file, tmp_path):
