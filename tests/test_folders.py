@@ -197,3 +197,13 @@ def test_a_folder_with_no_usable_picture_is_refused_in_one_line(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in out, out[-3000:]
     assert len(errors) == 1, out[-3000:]
     assert "no train picture can be used (2 unreadable, 0 smaller than the 32-px crop)" in errors[0]
+
+
+def test_a_parquet_file_without_pictures_makes_its_rows_unreadable_with_the_reason(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["a", "b"]}), tmp_path / "notes.parquet")
+    pictures = folders.list_pictures(str(tmp_path), "", 0.5, seed=0, limit=None)
+    rows = [row for piece in folders._pieces(pictures["train"]) for row in folders.read_piece(piece, crop=32)]
+    assert len(rows) == 1 and "has no image column" in rows[0]["problem"] and rows[0]["name"].endswith("notes.parquet")

@@ -137,8 +137,11 @@ def read_piece(piece: dict[str, Any], crop: int) -> list[dict[str, Any]]:
     decodes and is at least `crop` on its shorter side, "small" for a smaller one, else why it does not decode."""
     try:
         encoded = _encoded(piece["path"], int(piece["row_group"]), list(piece["rows"]))
-    except OSError as err:
-        encoded = [(None, f"{piece['path']} ({err})")] * len(piece["rows"])
+    except (OSError, UserError) as err:  # the file itself: every picture of the piece is unreadable
+        return [
+            {"image": b"", "name": piece["path"], "index": piece["first"] + i, "problem": str(err) or repr(err)}
+            for i in range(len(piece["rows"]))
+        ]
     out = []
     for i, (blob, name) in enumerate(encoded):
         try:
