@@ -207,3 +207,15 @@ def test_a_parquet_file_without_pictures_makes_its_rows_unreadable_with_the_reas
     pictures = folders.list_pictures(str(tmp_path), "", 0.5, seed=0, limit=None)
     rows = [row for piece in folders._pieces(pictures["train"]) for row in folders.read_piece(piece, crop=32)]
     assert len(rows) == 1 and "has no image column" in rows[0]["problem"] and rows[0]["name"].endswith("notes.parquet")
+
+
+def test_a_crop_the_network_cannot_take_is_refused_before_ray_starts(picture_folder):
+    from inpaint.config import load_config
+    from inpaint.driver import check_data
+
+    cfg = load_config(None, values={"data.crop_size": 50, "scaling.storage_path": str(picture_folder.parent / "runs")})
+    with pytest.raises(UserError, match=r"needs sides divisible by 4: use a data\.crop_size divisible by 4"):
+        check_data(cfg, str(picture_folder))
+    cfg = load_config(None, values={"data.crop_size": 12, "scaling.storage_path": str(picture_folder.parent / "runs")})
+    with pytest.raises(UserError, match=r"masks\.max_size = 16 is larger than the 12×12 images"):
+        check_data(cfg, str(picture_folder))
