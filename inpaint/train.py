@@ -65,8 +65,8 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, steps_per_epoch: int):
     total = cfg.train.epochs * steps_per_epoch
 
     def lr_factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
+        if step < warmup:  # at most the full rate: a warm-up shorter than one step must not overshoot it
+            return min(1.0, (step + 1) / warmup)
         if cfg.train.schedule == "cosine":
             progress = (step - warmup) / max(1, total - warmup)
             return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
@@ -99,7 +99,7 @@ def train_step(
 ) -> torch.Tensor:
     """One optimizer step on images with these holes; returns the loss (forward under `autocast(cfg)`)."""
     with autocast(cfg):
-        pred = model(model_input(apply_holes(images, masks), masks))
+        pred = model(model_input(apply_holes(images, masks), masks, cfg.model.prefill))
         loss = reconstruction_loss(pred.float(), images, masks, cfg.train.loss, cfg.train.hole_weight)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -109,9 +109,10 @@ def train_step(
 
 
 @torch.no_grad()
-def fill(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """The network's output for images with these holes (raw output; metrics composite it)."""
-    return model(model_input(apply_holes(images, masks), masks))
+def fill(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor, prefill: str) -> torch.Tensor:
+    """The network's output for images with these holes, prefilled as `model.prefill` says (raw output;
+    metrics composite it)."""
+    return model(model_input(apply_holes(images, masks), masks, prefill))
 
 
 def validation_holes(cfg: Config, index: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -279,7 +280,7 @@ def train_one_epoch(worker: Worker, shard: ray.data.DataIterator, epoch: int) ->
         loss = train_step(worker.model, worker.optimizer, worker.scheduler, images, masks, cfg)
         if worker.ema:
             worker.ema.update_parameters(worker.module)
-            worker.recent_inputs.append(model_input(apply_holes(images, masks), masks))
+            worker.recent_inputs.append(model_input(apply_holes(images, masks), masks, cfg.model.prefill))
         loss_sum += loss.item() * len(images)
         images_seen += len(images)
         if worker.rank == 0 and step % progress_every == 0:
@@ -321,7 +322,7 @@ def validate(worker: Worker, shard: ray.data.DataIterator, epoch: int, trained: 
     for images, index in shard.iter_torch_batches(batch_size=256, collate_fn=batches_of(cfg, None)):
         masks = validation_holes(cfg, index, worker.height, worker.width)
         for prefix, model in scored.items():
-            pred = fill(model, images, masks)
+            pred = fill(model, images, masks, cfg.model.prefill)
             totals[prefix].update(images, pred, masks)
             if prefix == "val":
                 loss = reconstruction_loss(pred, images, masks, cfg.train.loss, cfg.train.hole_weight)
@@ -378,5 +379,5 @@ def sample_picture(module: torch.nn.Module, cfg: Config, pixels: np.ndarray, ind
     step would start a buffer broadcast that the other workers never join."""
     images = to_float_images(pixels)
     masks = validation_holes(cfg, torch.from_numpy(index), *images.shape[-2:])
-    filled = composite(fill(module, images, masks), images, masks)  # what a user gets back
+    filled = composite(fill(module, images, masks, cfg.model.prefill), images, masks)  # what a user gets back
     return pictures.sample_grid(apply_holes(images, masks), filled, images, masks)

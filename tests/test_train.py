@@ -21,7 +21,7 @@ from inpaint.data import prepare, read_split, to_float_images
 from inpaint.masks import MaskConfig, apply_holes, fixed_masks
 from inpaint.metrics import MetricTotals
 from inpaint.models import build_model, count_parameters, model_input
-from inpaint.train import training_precision
+from inpaint.train import build_optimizer, training_precision
 
 pytestmark = pytest.mark.ray
 
@@ -202,3 +202,18 @@ def test_a_dataset_without_validation_images_is_refused_in_one_line(hf_file, tmp
         f"error: {tmp_path / 'no-val'} has no validation images: prepare it again with --val N (jobs/prepare.py), "
         "N at least 1"
     ]
+
+
+@pytest.mark.parametrize("steps_per_epoch, warmup_steps", [(100, 20), (2, 1), (1, 1)])
+def test_the_learning_rate_warms_up_to_train_lr_and_never_past_it(steps_per_epoch, warmup_steps):
+    """`train.warmup_epochs` 0.2: a fifth of an epoch of steps, rising to `train.lr`; with fewer steps than
+    that takes, the first step is at the full rate, not a multiple of it."""
+    cfg = load_config(None, ["train.lr=0.002", "train.warmup_epochs=0.2", "train.epochs=3"])
+    optimizer, scheduler = build_optimizer(torch.nn.Linear(2, 2), cfg, steps_per_epoch)
+    rates = []
+    for _ in range(3 * steps_per_epoch):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert max(rates) == pytest.approx(0.002) and rates.index(max(rates)) == warmup_steps - 1
+    assert rates[:warmup_steps] == sorted(rates[:warmup_steps]) and rates[-1] < 0.002 / 2  # then the cosine
