@@ -250,7 +250,7 @@ def log_checkpoint_model(
     model_uri = tracking.log_model(
         run_id,
         model,
-        input_example=model_input(apply_holes(images, masks), masks).numpy(),
+        input_example=model_input(apply_holes(images, masks), masks, model.prefill).numpy(),
         registered_name=cfg.registered_model,
         tags={**val_tags, "epoch": str(state["epoch"]), **scale_tags(model.train_scale)},
         tracking_uri=tracking_uri,

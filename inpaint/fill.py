@@ -34,16 +34,9 @@ import torch.nn.functional as F
 from inpaint.data import to_float_images, to_uint8_images
 from inpaint.masks import apply_holes
 from inpaint.models import InpaintingNetwork, TrainScale, model_input
+from inpaint.models.prefill import INPAINT_RADIUS, opencv_fill
 
 MODES = ("scaled", "full")
-INPAINT_RADIUS = 3  # pixels around the hole OpenCV's methods look at
-
-
-def opencv_fill(masked: torch.Tensor, mask: torch.Tensor, method: int) -> torch.Tensor:
-    """`cv2.inpaint` with `method` (cv2.INPAINT_TELEA or cv2.INPAINT_NS), image by image, on uint8 pixels."""
-    holes = mask[:, 0].to(torch.uint8).numpy()
-    pixels = zip(to_uint8_images(masked), holes, strict=True)
-    return to_float_images(np.stack([cv2.inpaint(p, h, INPAINT_RADIUS, method) for p, h in pixels]))
 
 
 @torch.no_grad()
@@ -52,7 +45,8 @@ def model_fill(model: InpaintingNetwork, masked: torch.Tensor, mask: torch.Tenso
     output cropped back."""
     height, width = masked.shape[-2:]
     multiple = model.size_multiple
-    inputs = F.pad(model_input(masked, mask), (0, -width % multiple, 0, -height % multiple), mode="replicate")
+    padding = (0, -width % multiple, 0, -height % multiple)
+    inputs = F.pad(model_input(masked, mask, model.prefill), padding, mode="replicate")
     return model(inputs)[..., :height, :width]
 
 

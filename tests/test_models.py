@@ -139,6 +139,7 @@ def test_model_input_stacks_mask_last():
         (dict(decoder_blocks=-1), "decoder_blocks"),
         (dict(bottleneck_dilations=[]), "bottleneck_dilations"),
         (dict(bottleneck_dilations=[1, 0]), "bottleneck_dilations"),
+        (dict(prefill="lama"), "prefill"),
     ],
 )
 def test_bad_model_config_names_the_key(bad, key):

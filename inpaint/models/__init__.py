@@ -4,7 +4,8 @@
 - `blocks.py`: the U-Net's blocks and its down- and upsamplings, by name;
 - `convmixer.py`: the ConvMixer;
 - `unet.py`: the U-Net of any depth (`UNet`) and the one fused with a ConvMixer (`FusedUNet`);
-- `cost.py`: what a network costs: its parameters, its training FLOPs per image.
+- `cost.py`: what a network costs: its parameters, its training FLOPs per image;
+- `prefill.py`: what it sees in the hole: zeros, or OpenCV's fill that it then corrects.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from inpaint.models.blocks import ACTIVATIONS, BLOCKS, DOWNSAMPLINGS, NORMS, UPSAMPLINGS
 from inpaint.models.cost import count_parameters, forward_backward_flops
 from inpaint.models.network import InpaintingNetwork, TrainScale
+from inpaint.models.prefill import PREFILLS, prefill_holes
 from inpaint.models.unet import FusedUNet, UNet
 
 __all__ = [
@@ -47,6 +49,7 @@ LEGACY_MODEL = {
     "activation": "relu",
     "fusion_scales": "bottleneck",
     "bottleneck_dilations": [1],
+    "prefill": "none",
 }
 
 
@@ -70,6 +73,7 @@ class ModelConfig:
     mixer_kernel_size: int = 5
     mixer_patch_size: int = 2  # the stem's stride, a power of 2 up to size_multiple; then pooled to the bottleneck
     fusion_scales: str = "bottleneck"  # where the mixer's features join: the bottleneck, or "all" (every skip too)
+    prefill: str = "none"  # the hole as the network sees it: zeros, or OpenCV's "telea" / "ns" fill that it corrects
 
     @property
     def size_multiple(self) -> int:
@@ -85,6 +89,7 @@ class ModelConfig:
         choices = [("variant", VARIANTS), ("fusion", FUSIONS), ("fusion_scales", FUSION_SCALES)]
         choices += [("block", tuple(BLOCKS)), ("norm", tuple(NORMS)), ("activation", tuple(ACTIVATIONS))]
         choices += [("downsampling", tuple(DOWNSAMPLINGS)), ("upsampling", tuple(UPSAMPLINGS))]
+        choices += [("prefill", tuple(PREFILLS))]
         for key, allowed in choices:
             if getattr(self, key) not in allowed:
                 raise ValueError(f"model.{key} must be one of {allowed}, got {getattr(self, key)!r}")
@@ -119,6 +124,7 @@ def build_model(cfg: ModelConfig) -> InpaintingNetwork:
     return FusedUNet(cfg) if cfg.variant == "fused" else UNet(cfg)
 
 
-def model_input(masked: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Stack a masked RGB batch (N, 3, H, W) and its mask (N, 1, H, W) into the (N, 4, H, W) model input."""
-    return torch.cat([masked, mask.to(masked.dtype)], dim=1)
+def model_input(masked: torch.Tensor, mask: torch.Tensor, prefill: str = "none") -> torch.Tensor:
+    """Stack a masked RGB batch (N, 3, H, W), its hole pixels filled as `model.prefill` says, and its mask
+    (N, 1, H, W) into the (N, 4, H, W) model input."""
+    return torch.cat([prefill_holes(masked, mask, prefill), mask.to(masked.dtype)], dim=1)

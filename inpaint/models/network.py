@@ -4,7 +4,8 @@ server declare, so that a new family only has to be one of these.
 A network takes one tensor (N, 4, H, W), the masked RGB image (hole pixels 0) and the mask (1 = hole), and
 returns RGB in [0, 1] of shape (N, 3, H, W). H and W must be multiples of its `size_multiple` (NAFNet's
 `padder_size`: 2 to the power of its downsamplings); `inpaint.fill` pads any picture up to one. Its
-`train_scale` says the picture and hole size it learnt on, which the fill path scales large holes down to.
+`train_scale` says the picture and hole size it learnt on, which the fill path scales large holes down to; its
+`prefill` what its input holds in the hole (`prefill.py`), which `model_input` puts there.
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ class InpaintingNetwork(nn.Module):
     scale it learnt at (a plain attribute: not in the state dict, so weights and registered graphs are
     unaffected)."""
 
-    def __init__(self, size_multiple: int) -> None:
+    def __init__(self, size_multiple: int, prefill: str = "none") -> None:
         super().__init__()
         self.size_multiple = size_multiple
+        self.prefill = prefill
         self.train_scale = TrainScale()
 
     def check_input(self, x: torch.Tensor) -> None:

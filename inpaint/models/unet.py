@@ -7,7 +7,8 @@ on the way up, a 3×3 conv + sigmoid head. The fused model adds a ConvMixer's fe
 bottleneck's size, at the bottleneck. Whether the mask channel is seen at all is `model.mask_channel`: off
 reproduces the paper, whose networks only see the RGB image. The family around that layout: the blocks and
 the up- and downsamplings of `blocks.py`, `model.blocks_per_level` blocks a level, dilated bottleneck blocks,
-and the ConvMixer's features joined with every skip too (`model.fusion_scales: all`).
+the ConvMixer's features joined with every skip too (`model.fusion_scales: all`), and, with `model.prefill`, a
+residual head: the output is the input's prefilled RGB plus a correction, zero at initialisation.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class UNet(InpaintingNetwork):
 
     def __init__(self, cfg: ModelConfig) -> None:
         cfg.validate()
-        super().__init__(size_multiple=cfg.size_multiple)
+        super().__init__(size_multiple=cfg.size_multiple, prefill=cfg.prefill)
         self.cfg = cfg
         widths, levels, layers = cfg.widths, len(cfg.widths), Layers(cfg.norm, cfg.activation)
         first = level_blocks(cfg.block, cfg.in_channels, widths[0], layers, level_dilations(cfg, 1))  # full size
@@ -51,11 +52,20 @@ class UNet(InpaintingNetwork):
                 width, dilations = widths[level - 1], [1] * cfg.decoder_blocks
                 self.add_module(f"dec{level}", nn.Sequential(*level_blocks(cfg.block, width, width, layers, dilations)))
         self.dropout = nn.Dropout(cfg.dropout)
-        self.head = nn.Sequential(nn.Conv2d(widths[0], 3, 3, padding=1), nn.Sigmoid())
+        if self.corrects_prefill:  # a correction to the prefilled input: nothing at first, so OpenCV's fill
+            self.head = nn.Conv2d(widths[0], 3, 3, padding=1)
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+        else:
+            self.head = nn.Sequential(nn.Conv2d(widths[0], 3, 3, padding=1), nn.Sigmoid())
 
     @property
     def levels(self) -> int:
         return len(self.cfg.widths)
+
+    @property
+    def corrects_prefill(self) -> bool:
+        return self.cfg.prefill != "none"
 
     def inputs(self, x: torch.Tensor) -> torch.Tensor:
         """The channels this network sees: RGB only, or RGB + mask."""
@@ -70,7 +80,7 @@ class UNet(InpaintingNetwork):
         return self.bottleneck(skips[-1]), skips
 
     def forward_head(self, z: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
-        """Decode the bottleneck back to an RGB image in [0, 1]."""
+        """Decode the bottleneck back to an RGB image in [0, 1], or to the correction of the prefilled one."""
         y = z
         for level in range(self.levels - 1, 0, -1):
             y = self.dropout(getattr(self, f"up{level}")(y) + skips[level - 1])
@@ -80,6 +90,8 @@ class UNet(InpaintingNetwork):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z, skips = self.forward_features(x)
+        if self.corrects_prefill:
+            return (x[:, :3] + self.forward_head(z, skips)).clamp(0, 1)
         return self.forward_head(z, skips)
 
 
