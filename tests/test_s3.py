@@ -212,47 +212,6 @@ def test_prepare_writes_shards_then_the_manifest_to_s3(s3, s3_data, tiny_data, t
 # Training on S3 data, checkpoints on S3, MLflow artifacts on S3
 
 
-@pytest.mark.ray
-def test_train_reads_s3_writes_checkpoints_and_artifacts_there_and_models_load(s3, s3_data, mlflow_s3, tmp_path):
-    env = s3.env | {"MLFLOW_TRACKING_URI": mlflow_s3}
-    args = ["--data", s3_data, "--workers", "2", "--epochs", "2", "--json", "result.json"]
-    args += settings(*SMALL_MODEL, "tracking.run_name=s3-train", f"scaling.storage_path=s3://{BUCKET}/ckpt")
-    proc = job("train.py", args, env, tmp_path)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0 and "epoch 2/2" in out, out[-4000:]
-    assert not any(secret in out for secret in s3.secrets())
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]  # no runs/, data/, mlflow.db here
-
-    checkpoints = s3.keys("ckpt/s3-train")
-    assert len({key.split("/")[0] for key in checkpoints if key.endswith("/state.pt")}) == 2, checkpoints
-    result = json.loads((tmp_path / "result.json").read_text())
-    client = MlflowClient(mlflow_s3)
-    run = client.get_run(result["run_id"])
-    assert run.info.status == "FINISHED" and run.info.artifact_uri.startswith("mlflow-artifacts:/")
-    artifacts = {key.split("/artifacts/", 1)[-1] for key in s3.keys("mlflow") if run.info.run_id in key}
-    assert {"curves.png", "config.json", "samples/epoch_001.png", "samples/epoch_002.png"} <= artifacts, artifacts
-    assert any(key.endswith("/MLmodel") for key in s3.keys("mlflow")), "the model's files are on S3"
-    logged = json.dumps(run.data.params) + json.dumps(run.data.tags)
-    assert s3_data in logged and not any(secret in logged for secret in s3.secrets())
-
-    # the registered model loads through the server, from S3, in the evaluation and inpaint jobs
-    name, version = result["model_uri"].removeprefix("models:/").split("/")
-    client.set_registered_model_alias(name, "best", version)
-    evaluated = job("evaluate.py", ["--model", f"models:/{name}@best", "--data", s3_data, "--json", "eval.json"],
-                    env, tmp_path)  # fmt: skip
-    assert evaluated.returncode == 0, (evaluated.stdout + evaluated.stderr)[-4000:]
-    assert json.loads((tmp_path / "eval.json").read_text())["rows"]
-    from PIL import Image
-
-    Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(tmp_path / "image.png")
-    hole = np.zeros((32, 32), np.uint8)
-    hole[8:16, 8:16] = 255
-    Image.fromarray(hole).save(tmp_path / "mask.png")
-    filled = job("inpaint_image.py", ["--model", f"models:/{name}@best", "--image", "image.png", "--mask", "mask.png",
-                                      "--out", "filled.png"], env, tmp_path)  # fmt: skip
-    assert filled.returncode == 0 and (tmp_path / "filled.png").exists(), filled.stdout + filled.stderr
-
-
 def test_train_on_a_folder_of_pictures_in_s3(s3, tmp_path):
     """A user's pictures under s3://inpaint/photos/ (nested, mixed formats and sizes, one corrupt), trained on
     as they are: Ray Data reads them from the bucket, the workers crop them."""
@@ -289,16 +248,18 @@ def s3_registered_epochs(s3: S3Server, run_name: str) -> list[int]:
     return [result["metrics"]["epoch"] for result in snapshot.get("checkpoint_results", [])]
 
 
-@pytest.mark.ray
-def test_killed_worker_resumes_from_s3_and_resume_continues_the_run(s3, mlflow_s3, interruptible_data, tmp_path):
-    """Rank 1 is SIGKILLed in epoch 2, once epoch 1's checkpoint is registered on S3: the run goes on from the
-    checkpoint read back from S3. Then `--resume` adds an epoch, from S3 again."""
+@pytest.fixture(scope="module")
+def s3_run(s3, mlflow_s3, interruptible_data, tmp_path_factory) -> dict:
+    """A 2-worker run on S3 data, its checkpoints on S3 and MLflow's artifacts there, for the tests below: rank 1
+    is SIGKILLed in epoch 2, once epoch 1's checkpoint is registered on S3, and the run goes on (2 epochs); then
+    `--resume --epochs 3` adds an epoch. Both jobs' output, and the second's --json result."""
+    root = tmp_path_factory.mktemp("s3-run")
     pafs.copy_files(str(interruptible_data), f"{BUCKET}/interruptible", destination_filesystem=s3.fs())
     env = s3.env | {"MLFLOW_TRACKING_URI": mlflow_s3}
     args = ["--data", f"s3://{BUCKET}/interruptible", "--workers", "2", "--epochs", "2"]
     args += settings(*SMALL_MODEL, "train.batch_size=2", "tracking.run_name=s3-kill")
     args += settings(f"scaling.storage_path=s3://{BUCKET}/ckpt")
-    proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "train.py"), *args], env=env, cwd=tmp_path,
+    proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "train.py"), *args], env=env, cwd=root,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     output, rank1, killed, checked, deadline = [], None, None, 0.0, time.monotonic() + 300
     for line in proc.stdout:
@@ -313,22 +274,71 @@ def test_killed_worker_resumes_from_s3_and_resume_continues_the_run(s3, mlflow_s
                 killed = rank1
         assert time.monotonic() < deadline, "".join(output)[-4000:]
     proc.wait(timeout=60)
-    log = "".join(output)
-    assert killed and proc.returncode == 0, log[-4000:]
-    assert "resumed from the checkpoint of epoch 1" in log and "epoch 2/2" in log, log[-4000:]
+    killed_log = "".join(output)
+    assert killed and proc.returncode == 0, killed_log[-4000:]
 
-    resumed = job("train.py", ["--resume", "s3-kill", "--epochs", "3"], env, tmp_path)
-    log = resumed.stdout + resumed.stderr
-    assert resumed.returncode == 0, log[-4000:]
+    resumed = job("train.py", ["--resume", "s3-kill", "--epochs", "3", "--json", "result.json"], env, root)
+    resumed_log = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, resumed_log[-4000:]
+    return {"root": root, "env": env, "killed": killed_log, "resumed": resumed_log,
+            "result": json.loads((root / "result.json").read_text())}  # fmt: skip
+
+
+@pytest.mark.ray
+def test_killed_worker_resumes_from_s3_and_resume_continues_the_run(s3, mlflow_s3, s3_run):
+    """The killed worker's run goes on from the checkpoint read back from S3; `--resume` from S3 again."""
+    log = s3_run["killed"]
+    assert "resumed from the checkpoint of epoch 1" in log and "epoch 2/2" in log, log[-4000:]
+    log = s3_run["resumed"]
     assert "resumed from the checkpoint of epoch 2" in log and "epoch 3/3" in log, log[-4000:]
     assert 3 in s3_registered_epochs(s3, "s3-kill")
     client = MlflowClient(mlflow_s3)
     (run,) = client.search_runs([client.get_experiment_by_name("inpaint").experiment_id],
                                 filter_string="attributes.run_name = 's3-kill'")  # fmt: skip
-    assert run.info.status == "FINISHED"
+    assert run.info.status == "FINISHED" and run.info.run_id == s3_run["result"]["run_id"]
     for key in METRICS:
         assert metric_steps(client, run.info.run_id, key) == [1, 2, 3], key
-    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing local: data, checkpoints, runs all on S3
+    # nothing local: data, checkpoints, runs all on S3 (the --json result aside)
+    assert sorted(p.name for p in s3_run["root"].iterdir()) == ["result.json"]
+
+
+@pytest.mark.ray
+def test_train_reads_s3_writes_checkpoints_and_artifacts_there_and_models_load(s3, mlflow_s3, s3_run, tmp_path):
+    data = f"s3://{BUCKET}/interruptible"
+    assert not any(secret in s3_run["killed"] + s3_run["resumed"] for secret in s3.secrets())
+    # the checkpoints Ray Train keeps (the best 2 of the 3 epochs) are on S3, and only they
+    snapshot = s3.read_json("ckpt/s3-kill/checkpoint_manager_snapshot.json")
+    kept = {result["checkpoint_dir_name"] for result in snapshot["checkpoint_results"]}
+    written = {key.split("/")[0] for key in s3.keys("ckpt/s3-kill") if key.endswith("/state.pt")}
+    assert len(kept) == 2 and written == kept, (kept, written)
+    result = s3_run["result"]
+    client = MlflowClient(mlflow_s3)
+    run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED" and run.info.artifact_uri.startswith("mlflow-artifacts:/")
+    artifacts = {key.split("/artifacts/", 1)[-1] for key in s3.keys("mlflow") if run.info.run_id in key}
+    samples = {f"samples/epoch_00{epoch}.png" for epoch in (1, 2, 3)}
+    assert {"curves.png", "config.json", *samples} <= artifacts, artifacts
+    assert any(key.endswith("/MLmodel") for key in s3.keys("mlflow")), "the model's files are on S3"
+    logged = json.dumps(run.data.params) + json.dumps(run.data.tags)
+    assert data in logged and not any(secret in logged for secret in s3.secrets())
+
+    # the registered model loads through the server, from S3, in the evaluation and inpaint jobs
+    env = s3_run["env"]
+    name, version = result["model_uri"].removeprefix("models:/").split("/")
+    client.set_registered_model_alias(name, "best", version)
+    evaluated = job("evaluate.py", ["--model", f"models:/{name}@best", "--data", data, "--json", "eval.json"],
+                    env, tmp_path)  # fmt: skip
+    assert evaluated.returncode == 0, (evaluated.stdout + evaluated.stderr)[-4000:]
+    assert json.loads((tmp_path / "eval.json").read_text())["rows"]
+    from PIL import Image
+
+    Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(tmp_path / "image.png")
+    hole = np.zeros((32, 32), np.uint8)
+    hole[8:16, 8:16] = 255
+    Image.fromarray(hole).save(tmp_path / "mask.png")
+    filled = job("inpaint_image.py", ["--model", f"models:/{name}@best", "--image", "image.png", "--mask", "mask.png",
+                                      "--out", "filled.png"], env, tmp_path)  # fmt: skip
+    assert filled.returncode == 0 and (tmp_path / "filled.png").exists(), filled.stdout + filled.stderr
 
 
 # ---------------------------------------------------------------------------------------------
