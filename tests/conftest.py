@@ -323,9 +323,13 @@ def free_ports(count: int) -> list[int]:
 
 @pytest.fixture(scope="session")
 def deployment(tmp_path_factory):
-    """A cluster of two nodes × 2 CPUs and an MLflow server; at the end both are stopped by their scripts, and the
-    fixture fails if any of their processes or namespaces are left."""
+    """A cluster of two nodes × 2 CPUs and an MLflow server, started from a shell that has none of
+    `runtime.ENVIRONMENT`'s variables (what a user's `ray start` gives every process on a node); at the end both
+    are stopped by their scripts, and the fixture fails if any of their processes or namespaces are left."""
+    from inpaint.runtime import ENVIRONMENT
+
     deploy = Deployment(tmp_path_factory.mktemp("deploy"))
+    deploy.env = {name: value for name, value in deploy.env.items() if name not in ENVIRONMENT}
     try:
         deploy.up()
         yield deploy

@@ -11,6 +11,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -18,11 +19,14 @@ import numpy as np
 import pytest
 import requests
 import torch
+import yaml
+from conftest import Deployment, free_ports
 from helpers import REPO
 from mlflow import MlflowClient
 
 from inpaint import fill
 from inpaint.evaluate import load_model
+from inpaint.runtime import ENVIRONMENT
 
 pytestmark = pytest.mark.ray
 
@@ -134,14 +138,37 @@ def test_tune_study_runs_on_the_cluster_and_lands_in_mlflow(deployment, cluster_
     assert best.run_id == result["best_run_id"]
 
 
-def test_serve_deploy_serves_the_version_best_names_from_the_mlflow_server(
-    deployment, cluster_train_run, cluster_tune_study, tmp_path
-):
-    """deploy/serve-config.yaml through `serve deploy` on the two-node cluster, its model `models:/NAME@best`
-    read from the cluster's MLflow server. `@best` is moved to the train job's version, neither the latest nor
-    the study's pick, so a replica serving either is caught; the fill must be that version's."""
-    from test_serve import close, decoded, picture, png, post, rectangle, serve_deploy
+def serve_deploy(cluster, user_config: dict, folder: Path) -> str:
+    """deploy/serve-config.yaml, its `user_config` updated and on a free port, through `serve deploy` on
+    `cluster` (a conftest.Deployment) as a user runs it; its URL once /healthz answers there."""
+    config = yaml.safe_load((REPO / "deploy" / "serve-config.yaml").read_text())
+    (port,) = free_ports(1)
+    config["http_options"]["port"] = port
+    (deployment,) = config["applications"][0]["deployments"]
+    deployment["user_config"] |= user_config
+    (folder / "serve-config.yaml").write_text(yaml.safe_dump(config))
+    deployed = subprocess.run(
+        [str(Path(sys.executable).parent / "serve"), "deploy", str(folder / "serve-config.yaml")]
+        + ["--address", cluster.dashboard],
+        env=cluster.env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 180
+    while True:
+        try:
+            if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
+                return url
+        except requests.RequestException:  # the proxy or the replica not up yet
+            pass
+        assert time.monotonic() < deadline, "no /healthz in 180 s after serve deploy"
+        time.sleep(1)
 
+
+@pytest.fixture(scope="class")
+def best_served(deployment, cluster_train_run, cluster_tune_study, tmp_path_factory) -> dict:
+    """deploy/serve-config.yaml through `serve deploy` on the two-node cluster, its model `models:/NAME@best` read
+    from the cluster's MLflow server. `@best` is moved first to the train job's version, neither the latest nor the
+    study's pick, so a replica serving either is caught; afterwards Serve is shut down and `@best` put back."""
     assert cluster_train_run["status"] == cluster_tune_study["status"] == "SUCCEEDED"  # (their own tests say why not)
     client = MlflowClient(deployment.tracking_uri)
     name, version = json.loads(cluster_train_run["json"].read_text())["model_uri"].removeprefix("models:/").split("/")
@@ -151,18 +178,8 @@ def test_serve_deploy_serves_the_version_best_names_from_the_mlflow_server(
     client.set_registered_model_alias(name, "best", version)
     served = {"model": f"models:/{name}@best", "tracking_uri": deployment.tracking_uri}
     try:
-        url = serve_deploy(deployment, served, tmp_path)
-        model = requests.get(f"{url}/model", timeout=30).json()
-        assert (model["name"], model["version"], model["alias"]) == (name, version, "best"), model
-        assert model["run_id"] == client.get_model_version(name, version).run_id
-        image, hole = picture(32, 32), rectangle(32, 32, 8, 6, 12, 14)
-        response = post(url, png(image), png(hole.astype(np.uint8) * 255))
-        filled = decoded(response)
-        assert response.headers["X-Model-Version"] == f"models:/{name}/{version}"
-        np.testing.assert_array_equal(filled[~hole], image[~hole])
-        ours, theirs = (load_model(f"models:/{name}/{v}", deployment.tracking_uri) for v in (version, study_best))
-        assert close(filled, fill.inpaint_image(ours, image, hole, mode="scaled"))
-        assert not close(filled, fill.inpaint_image(theirs, image, hole, mode="scaled"))  # they can be told apart
+        url = serve_deploy(deployment, served, tmp_path_factory.mktemp("serve"))
+        yield {"url": url, "name": name, "version": version, "study_best": study_best}
     finally:
         client.set_registered_model_alias(name, "best", study_best)  # as the study left it
         subprocess.run(
@@ -171,10 +188,44 @@ def test_serve_deploy_serves_the_version_best_names_from_the_mlflow_server(
         )  # fmt: skip
 
 
+class TestServeDeploy:
+    """One `serve deploy` (`best_served`), two checks of it; Serve is shut down when they are done."""
+
+    def test_serve_deploy_serves_the_version_best_names_from_the_mlflow_server(self, deployment, best_served):
+        """The fill must be the version's that `@best` names."""
+        from test_serve import close, decoded, picture, png, post, rectangle
+
+        url, name, version = best_served["url"], best_served["name"], best_served["version"]
+        client = MlflowClient(deployment.tracking_uri)
+        model = requests.get(f"{url}/model", timeout=30).json()
+        assert (model["name"], model["version"], model["alias"]) == (name, version, "best"), model
+        assert model["run_id"] == client.get_model_version(name, version).run_id
+        image, hole = picture(32, 32), rectangle(32, 32, 8, 6, 12, 14)
+        response = post(url, png(image), png(hole.astype(np.uint8) * 255))
+        filled = decoded(response)
+        assert response.headers["X-Model-Version"] == f"models:/{name}/{version}"
+        np.testing.assert_array_equal(filled[~hole], image[~hole])
+        ours, theirs = (
+            load_model(f"models:/{name}/{v}", deployment.tracking_uri) for v in (version, best_served["study_best"])
+        )
+        assert close(filled, fill.inpaint_image(ours, image, hole, mode="scaled"))
+        assert not close(filled, fill.inpaint_image(theirs, image, hole, mode="scaled"))  # they can be told apart
+
+    def test_replicas_deployed_on_a_ray_start_cluster_run_with_the_process_settings(self, deployment, best_served):
+        """The nodes were started from a shell without `runtime.ENVIRONMENT`'s variables (`deployment`), as a
+        user's `ray start` is: a driver on the cluster asks the replica, through a deployment handle, what its
+        process runs with."""
+        ask = "import json, ray; from ray import serve; ray.init(); "
+        ask += "print(json.dumps(serve.get_app_handle('inpaint').process_settings.remote().result()))"
+        asked = subprocess.run(
+            [sys.executable, "-c", ask], env=deployment.env, capture_output=True, text=True, timeout=120
+        )
+        assert asked.returncode == 0, asked.stdout + asked.stderr
+        assert json.loads(asked.stdout.strip().splitlines()[-1]) == ENVIRONMENT
+
+
 def test_a_job_submitted_without_mlflow_fails_in_one_line(deployment):
     """Plain `ray job submit`, past the helper's checks: the job itself names the missing server."""
-    import time
-
     proc = subprocess.run(
         ["ray", "job", "submit", "--address", deployment.dashboard, "--working-dir", str(REPO), "--no-wait"]
         + ["--submission-id", "inpaint-no-mlflow", "--", "python", "jobs/train.py", "--data", "/nonexistent"]
@@ -198,8 +249,6 @@ def test_a_job_submitted_without_mlflow_fails_in_one_line(deployment):
 
 def test_loopback_cluster_up_status_down(tmp_path):
     """The mode for machines without root: nodes on 127.0.0.1 and 127.0.0.2, its own ports and temp dirs."""
-    from conftest import Deployment, free_ports
-
     deploy = Deployment(tmp_path, nodes=2, mode="loopback")
     port, dashboard = free_ports(2)
     try:

@@ -1,8 +1,8 @@
 """Serving: the large-picture fill on its own, then `python jobs/serve.py` as a user starts it (a real local Ray
 and Serve in a subprocess) answering real HTTP requests: fills whose known pixels are the input's, every kind
 of bad input refused with one line while it keeps serving, batching, the page driven in a real headless
-Chromium over the DevTools protocol, and moving the `best` alias to a new version. Last, `serve deploy` on a
-`ray start` cluster, whose replicas must set up their own process.
+Chromium over the DevTools protocol, and moving the `best` alias to a new version. (`serve deploy` on a
+`ray start` cluster, whose replicas must set up their own process: tests/test_cluster.py.)
 
 One server serves the tests of this file (module-scoped); the alias test runs last of them, as it changes what is
 served.
@@ -47,7 +47,6 @@ from inpaint.data import to_float_images, to_uint8_images
 from inpaint.evaluate import load_model
 from inpaint.masks import apply_holes
 from inpaint.models import model_input
-from inpaint.runtime import ENVIRONMENT
 from inpaint.serve import SETTINGS, HTTPError, Inpainter, build_app, parse_form, settings_from
 
 trained = test_evaluate.trained  # the tiny model, registered as `tiny` version 1 in a SQLite MLflow store
@@ -552,61 +551,3 @@ def test_the_serve_configs_describe_this_app(name):
     settings_from(deployment.user_config)
     assert deployment.autoscaling_config["min_replicas"] >= 1
     build_app(app.args)  # builds without Ray running
-
-
-# ---------------------------------------------------------------------------------------------
-# `serve deploy` on a `ray start` cluster: the replicas set up their own process
-
-
-@pytest.fixture(scope="module")
-def bare_cluster(tmp_path_factory):
-    """deploy/local-cluster.sh's cluster of one node (and its MLflow server), started from a shell that has none
-    of `runtime.ENVIRONMENT`'s variables: what a user's `ray start` gives every process on the node."""
-    from conftest import Deployment
-
-    deploy = Deployment(tmp_path_factory.mktemp("bare-cluster"), nodes=1, cpus_per_node=2)
-    deploy.env = {name: value for name, value in deploy.env.items() if name not in ENVIRONMENT}
-    try:
-        deploy.up()
-        yield deploy
-    finally:
-        deploy.down()
-
-
-def serve_deploy(cluster, user_config: dict, folder: Path) -> str:
-    """deploy/serve-config.yaml, its `user_config` updated and on a free port, through `serve deploy` on
-    `cluster` (a conftest.Deployment) as a user runs it; its URL once /healthz answers there."""
-    config = yaml.safe_load((REPO / "deploy" / "serve-config.yaml").read_text())
-    port = free_port()
-    config["http_options"]["port"] = port
-    (deployment,) = config["applications"][0]["deployments"]
-    deployment["user_config"] |= user_config
-    (folder / "serve-config.yaml").write_text(yaml.safe_dump(config))
-    deployed = subprocess.run(
-        [str(Path(sys.executable).parent / "serve"), "deploy", str(folder / "serve-config.yaml")]
-        + ["--address", cluster.dashboard],
-        env=cluster.env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
-    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 180
-    while True:
-        try:
-            if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
-                return url
-        except requests.RequestException:  # the proxy or the replica not up yet
-            pass
-        assert time.monotonic() < deadline, "no /healthz in 180 s after serve deploy"
-        time.sleep(1)
-
-
-@pytest.mark.ray
-def test_replicas_deployed_on_a_ray_start_cluster_run_with_the_process_settings(bare_cluster, trained, tmp_path):
-    """deploy/serve-config.yaml, pointed at the tiny model, through `serve deploy`; then a driver on the cluster
-    asks the replica, through a deployment handle, what its process runs with."""
-    serve_deploy(bare_cluster, {"model": "models:/tiny/1", "tracking_uri": trained.tracking_uri}, tmp_path)
-    ask = "import json, ray; from ray import serve; ray.init(); "
-    ask += "print(json.dumps(serve.get_app_handle('inpaint').process_settings.remote().result()))"
-    env = bare_cluster.env
-    asked = subprocess.run([sys.executable, "-c", ask], env=env, capture_output=True, text=True, timeout=120)
-    assert asked.returncode == 0, asked.stdout + asked.stderr
-    assert json.loads(asked.stdout.strip().splitlines()[-1]) == ENVIRONMENT
