@@ -336,7 +336,7 @@ def test_killed_study_resumes_without_running_finished_trials_again(tiny_data, t
     the value of its last report."""
     write(tmp_path, OPTUNA_SPACE)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    args = study_args(tiny_data, "--samples", "4", "--limit", "60")  # 4 trials: still going when it is killed
+    args = study_args(tiny_data, "--samples", "3", "--limit", "60")  # 3 trials: still going when it is killed
     proc = run_job(args, tmp_path, uri, job="tune.py", start_new_session=True)
     client, deadline = MlflowClient(uri), time.monotonic() + 400
 
@@ -359,7 +359,8 @@ def test_killed_study_resumes_without_running_finished_trials_again(tiny_data, t
             return {}
 
     def finished_unsaved() -> set[str]:  # finished by MLflow, under way in the state Tune saved last
-        finished, statuses = finished_trials(), saved_statuses()
+        finished = finished_trials()
+        statuses = saved_statuses() if finished else {}  # (unpickled only once there is a trial to look up)
         return {trial for trial in finished if statuses.get(trial, "TERMINATED") != "TERMINATED"}
 
     states = tmp_path / "runs" / "tune-space"
@@ -377,7 +378,7 @@ def test_killed_study_resumes_without_running_finished_trials_again(tiny_data, t
     assert not any(f"trial {trial_id}:" in out for trial_id in saved | late), out[-3000:]  # not trained again
     result = json.loads((tmp_path / "best.json").read_text())
     children = children_of(client, result["parent_run_id"])
-    assert len(children) == 4 and all(child.info.status == "FINISHED" for child in children), children
+    assert len(children) == 3 and all(child.info.status == "FINISHED" for child in children), children
     for child in children:
         assert_every_epoch_once(client, child, "val_loss", all_of=child.data.tags["stopped_early"] == "false")
     parent = client.get_run(result["parent_run_id"])
@@ -388,7 +389,7 @@ def test_killed_study_resumes_without_running_finished_trials_again(tiny_data, t
     # The searcher learnt every trial's last report: a trial that trained both epochs, its epoch-2 value.
     _, optuna_trials = saved_state(str(states))
     told = {trial.params["train.lr"]: trial.value for trial in optuna_trials}
-    assert len(told) == 4 and None not in told.values(), optuna_trials
+    assert len(told) == 3 and None not in told.values(), optuna_trials
     for child in children:
         if child.data.tags["stopped_early"] == "false":
             last = max(client.get_metric_history(child.info.run_id, "val_psnr_hole"), key=lambda m: m.step)
