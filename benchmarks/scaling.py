@@ -10,7 +10,7 @@ largest run: N × (images/s per worker), i.e. each worker on cores of its own an
 
 python benchmarks/scaling.py --json scaling.json
 python benchmarks/scaling.py --sizes 1000 5000 --workers 2 --batch 128 --set train.lr=2e-3
-python benchmarks/scaling.py --quick     # CI: tiny model and data, one size
+python benchmarks/scaling.py --quick     # CI: tiny model and data, one size, 2 workers only
 """
 
 from __future__ import annotations
@@ -36,11 +36,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--project", nargs="+", type=int, default=[4, 8, 16, 32], help="worker counts on paper")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override for all")
     parser.add_argument("--workdir", type=Path, help="keep datasets and runs here (default: a temporary folder)")
-    parser.add_argument("--quick", action="store_true", help="CI: tiny model and data")
+    parser.add_argument("--quick", action="store_true", help="CI: tiny model and data, one size, 2 workers only")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the results here")
     args = parser.parse_args()
     if args.quick:
         args.sizes, args.val_images, args.batch, args.epochs, args.project = [64], 32, 16, 2, [4]
+        args.workers = [2]  # one job: each is a Ray start and a worker group, a minute on 2 cores
         args.set = [*TINY_MODEL, *args.set]
     return args
 

@@ -106,7 +106,7 @@ def test_picture_crops(tmp_path):
 @pytest.mark.ray
 def test_scaling(tmp_path):
     result = run_benchmark("scaling", tmp_path)
-    assert {(row["size"], row["workers"]) for row in result["rows"]} == {(64, 1), (64, 2)}
+    assert [(row["size"], row["workers"]) for row in result["rows"]] == [(64, 2)]
     for row in result["rows"]:
         positive(row, "images_per_s", "train_s_per_epoch", "wall_s_per_epoch", "worker_peak_rss_mib")
     positive(result["projected"], "per_worker_images_per_s")
