@@ -43,6 +43,7 @@ from inpaint.metrics import (
     reconstruction_loss,
 )
 from inpaint.models import build_model, count_parameters, forward_backward_flops, model_input
+from inpaint.models.prefill import prefill_holes
 from inpaint.runtime import configure_process
 
 BEST_METRICS = ("best_epoch", *(f"best_{name}" for name in VAL_METRICS))  # the best epoch's so far (`best_so_far`)
@@ -312,15 +313,19 @@ def validate(worker: Worker, shard: ray.data.DataIterator, epoch: int, trained: 
     """Score this worker's share of the validation split on its fixed holes (in fp32), then add up those
     sums and the epoch's training sums over the workers in one call: every worker gets the epoch's metrics.
 
-    `val_*` score the delivered weights; with an EMA, `raw_val_*` score the network's own beside them."""
+    `val_*` score the delivered weights; with an EMA, `raw_val_*` score the network's own beside them; with
+    `model.prefill`, `prefill_val_*` score that fill alone, where the network starts from: what it has gained."""
     cfg = worker.cfg
     scored = {"val": worker.delivered} | ({"raw_val": worker.model} if worker.ema else {})
-    totals = {prefix: MetricTotals() for prefix in scored}
+    prefill = cfg.model.prefill
+    totals = {prefix: MetricTotals() for prefix in [*scored, *(["prefill_val"] if prefill != "none" else [])]}
     val_loss_sum = 0.0
     for model in scored.values():
         model.eval()
     for images, index in shard.iter_torch_batches(batch_size=256, collate_fn=batches_of(cfg, None)):
         masks = validation_holes(cfg, index, worker.height, worker.width)
+        if prefill != "none":
+            totals["prefill_val"].update(images, prefill_holes(apply_holes(images, masks), masks, prefill), masks)
         for prefix, model in scored.items():
             pred = fill(model, images, masks, cfg.model.prefill)
             totals[prefix].update(images, pred, masks)
@@ -369,6 +374,8 @@ def log_epoch(worker: Worker, epoch: int, metrics: dict[str, float], samples: tu
     picture = sample_picture(worker.delivered, worker.cfg, *samples)
     tracking.log_picture(worker.run_id, picture, f"samples/epoch_{epoch:03d}.png", tracking_uri=worker.tracking_uri)
     scores = "  ".join(f"{name} {format_metric(name, metrics[name])}" for name in ("train_loss", *VAL_METRICS))
+    if "prefill_val_psnr_hole" in metrics:  # beside the fill the network corrects
+        scores += f" ({worker.cfg.model.prefill} {format_metric('val_psnr_hole', metrics['prefill_val_psnr_hole'])})"
     print(f"epoch {epoch}/{worker.cfg.train.epochs}  {scores}  {metrics['images_per_s']:.0f} img/s", flush=True)
 
 

@@ -154,9 +154,10 @@ def test_training_on_a_folder_of_pictures_registers_a_model_of_that_scale(pictur
         (picture_folder / "val" / f"v{i}.jpg").write_bytes(encoded(smooth_picture(64, 80, 50 + i), "JPEG"))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = ["--data", str(picture_folder), "--epochs", "2", "--workers", "2", "--json", str(tmp_path / "out.json")]
-    for value in [*SMALL_MODEL, "data.crop_size=48", "data.crops_per_picture=2"]:
+    for value in [*SMALL_MODEL, "data.crop_size=48", "data.crops_per_picture=2", "model.prefill=telea"]:
         args += ["--set", value]
     out = finish(run_job(args, tmp_path, uri), timeout=400)
+    assert out.count(" (telea ") == 2, out[-3000:]  # each epoch's line: the fill the network corrects, beside
     assert "train: left out 1 unreadable file(s) of 10: " in out and "broken.jpg (" in out, out[-3000:]
     assert "train: 1 picture(s) smaller than the 48-px crop, left out (data.small_pictures=resize keeps them)" in out
     assert "data: 16 training and 2 validation images" in out  # 8 usable pictures × 2 crops; the val/ folder's 2
@@ -167,12 +168,14 @@ def test_training_on_a_folder_of_pictures_registers_a_model_of_that_scale(pictur
     assert run.data.params["data.crop_size"] == "48" and run.data.params["data.image_size"] == "[48, 48]"
     history = [m.value for m in client.get_metric_history(result["run_id"], "val_psnr_hole")]
     assert len(history) == 2 and all(np.isfinite(history))
+    telea = [m.value for m in client.get_metric_history(result["run_id"], "prefill_val_psnr_hole")]
+    assert len(telea) == 2 and telea[0] == telea[1]  # Telea alone, on the same crops and holes every epoch
 
     from inpaint.evaluate import load_model
     from inpaint.fill import inpaint_image
 
     model = load_model(result["model_uri"], tracking_uri=uri)
-    assert model.train_scale.size == (48, 48)  # what serve and jobs/inpaint_image.py fill at
+    assert model.train_scale.size == (48, 48) and model.prefill == "telea"  # how serve and inpaint_image.py fill
     name, version = result["model_uri"].removeprefix("models:/").split("/")
     tags = client.get_model_version(name, version).tags
     assert tags["train_size"] == "48x48" and tags["train_hole_px"] == f"{model.train_scale.hole:g}"
