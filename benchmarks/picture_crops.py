@@ -8,7 +8,9 @@ Here the encoded pictures of `--photos` are read into memory once, then, for eac
   through them with the epoch moving on each pass: decoded crops/s, and CPU ms per crop;
 - the same through `PictureCrops`, to the float tensors the step gets;
 - one training step (fresh holes, `inpaint.train.train_step`) of `--config` at that crop and batch, with the
-  precision and channels_last the recipe resolves to on this CPU.
+  precision and channels_last the recipe resolves to on this CPU;
+- with the recipe's `model.prefill` (OpenCV's fill of the holes, part of that step), the prefill alone on the
+  decoded crops with the recipe's holes: CPU ms per crop and its share of the step's CPU.
 The data path's share of a worker's CPU is the step's images/s over PictureCrops' crops/s: the fraction of the
 CPU the decoding needs to keep up with the step (also from CPU time alone: CPU ms per crop over the step's CPU
 ms per image, which a loaded machine disturbs less).
@@ -36,8 +38,11 @@ from common import REPO, TINY_MODEL, TrainStep, load_average, machine, print_tab
 from PIL import Image
 
 from inpaint.config import load_config
+from inpaint.data import to_float_images
 from inpaint.data.crops import crop_batch
 from inpaint.data.folders import EXTENSIONS
+from inpaint.masks import apply_holes, random_masks
+from inpaint.models.prefill import prefill_holes
 from inpaint.train import PictureCrops, training_precision
 
 # the table, as docs/performance.md holds it: rates from wall time, CPU ms from this process's CPU time
@@ -50,6 +55,8 @@ COLUMNS = [
     ("step_cpu_ms_per_image", "step CPU ms per image", ",.1f"),
     ("data_share", "data path's share of the CPU", ".1%"),
     ("data_share_cpu", "share by CPU time", ".1%"),
+    ("prefill_cpu_ms", "prefill CPU ms per crop", ".2f"),
+    ("prefill_share_cpu", "prefill's share of the step", ".1%"),
 ]
 
 
@@ -160,6 +167,17 @@ def measure(args: argparse.Namespace, blobs: list[bytes], names: list[str], crop
 
     step_rate, step_cpu_ms = timed(train, min_calls if args.quick else 3, args.seconds * 1.5)
     print(f"  crop {crop}: training step {step_rate / args.threads:.1f} img/s per CPU", flush=True)
+
+    chunk, chunk_names, index, epoch = Batches(blobs, names, args.batch).next()
+    crops = to_float_images(crop_batch(chunk, chunk_names, index, crop, seed, epoch))
+    holes = torch.Generator().manual_seed(seed)
+
+    def prefill() -> int:
+        masks = random_masks(len(crops), crop, crop, cfg.masks, holes)
+        prefill_holes(apply_holes(crops, masks), masks, cfg.model.prefill)
+        return len(crops)
+
+    prefill_cpu_ms = timed(prefill, min_calls, args.seconds / 2)[1] if cfg.model.prefill != "none" else 0.0
     return {
         "crop": crop,
         "crops_per_s_per_cpu": crops_rate / args.threads,
@@ -172,6 +190,8 @@ def measure(args: argparse.Namespace, blobs: list[bytes], names: list[str], crop
         "data_share": step_rate / tensors_rate,
         # the same from CPU time alone, which other processes on the cores disturb less than wall time
         "data_share_cpu": tensors_cpu_ms / step_cpu_ms,
+        "prefill_cpu_ms": prefill_cpu_ms,
+        "prefill_share_cpu": prefill_cpu_ms / step_cpu_ms,
     }
 
 

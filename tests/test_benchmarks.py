@@ -98,6 +98,7 @@ def test_picture_crops(tmp_path):
     for row in result["rows"]:
         keys = ("crops_per_s_per_cpu", "tensors_per_s_per_cpu", "crop_cpu_ms", "tensor_cpu_ms")
         keys += ("step_images_per_s_per_cpu", "step_cpu_ms_per_image", "data_share", "data_share_cpu")
+        keys += ("prefill_cpu_ms", "prefill_share_cpu")  # the recipe's Telea prefill
         assert all(math.isfinite(row[key]) for key in keys), row
         positive(row, *keys)
         assert row["data_share"] == pytest.approx(row["step_images_per_s_per_cpu"] / row["tensors_per_s_per_cpu"])
