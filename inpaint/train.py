@@ -373,9 +373,14 @@ def log_epoch(worker: Worker, epoch: int, metrics: dict[str, float], samples: tu
     tracking.log_metrics_once(worker.run_id, metrics, step=epoch, tracking_uri=worker.tracking_uri)
     picture = sample_picture(worker.delivered, worker.cfg, *samples)
     tracking.log_picture(worker.run_id, picture, f"samples/epoch_{epoch:03d}.png", tracking_uri=worker.tracking_uri)
-    scores = "  ".join(f"{name} {format_metric(name, metrics[name])}" for name in ("train_loss", *VAL_METRICS))
-    if "prefill_val_psnr_hole" in metrics:  # beside the fill the network corrects
-        scores += f" ({worker.cfg.model.prefill} {format_metric('val_psnr_hole', metrics['prefill_val_psnr_hole'])})"
+
+    def score(name: str) -> str:
+        text = f"{name} {format_metric(name, metrics[name])}"
+        if f"prefill_{name}" in metrics and name == "val_psnr_hole":  # beside the fill the network corrects
+            text += f" ({worker.cfg.model.prefill} {format_metric(name, metrics[f'prefill_{name}'])} alone)"
+        return text
+
+    scores = "  ".join(score(name) for name in ("train_loss", *VAL_METRICS))
     print(f"epoch {epoch}/{worker.cfg.train.epochs}  {scores}  {metrics['images_per_s']:.0f} img/s", flush=True)
 
 
