@@ -43,7 +43,6 @@ from inpaint.metrics import (
     reconstruction_loss,
 )
 from inpaint.models import build_model, count_parameters, forward_backward_flops, model_input
-from inpaint.models.prefill import prefill_holes
 from inpaint.runtime import configure_process
 
 BEST_METRICS = ("best_epoch", *(f"best_{name}" for name in VAL_METRICS))  # the best epoch's so far (`best_so_far`)
@@ -324,10 +323,12 @@ def validate(worker: Worker, shard: ray.data.DataIterator, epoch: int, trained: 
         model.eval()
     for images, index in shard.iter_torch_batches(batch_size=256, collate_fn=batches_of(cfg, None)):
         masks = validation_holes(cfg, index, worker.height, worker.width)
+        inputs = model_input(apply_holes(images, masks), masks, prefill)  # prefilled once for every score
         if prefill != "none":
-            totals["prefill_val"].update(images, prefill_holes(apply_holes(images, masks), masks, prefill), masks)
+            totals["prefill_val"].update(images, inputs[:, :3], masks)
         for prefix, model in scored.items():
-            pred = fill(model, images, masks, cfg.model.prefill)
+            with torch.no_grad():
+                pred = model(inputs)
             totals[prefix].update(images, pred, masks)
             if prefix == "val":
                 loss = reconstruction_loss(pred, images, masks, cfg.train.loss, cfg.train.hole_weight)
