@@ -12,6 +12,7 @@ up at the epoch after the last checkpoint, so every epoch reaches MLflow exactly
 
 from __future__ import annotations
 
+import logging
 import math
 import tempfile
 import time
@@ -25,6 +26,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 from ray.data.collate_fn import NumpyBatchCollateFn
+from ray.train.v2._internal.execution import context as ray_train_context
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
 
 from inpaint import pictures, tracking
@@ -182,6 +184,9 @@ class Worker:
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """One worker's run: restore, then per epoch train, validate, checkpoint and report, log (rank 0)."""
     configure_process()
+    # Ray Train logs each report's whole metrics dict at INFO on every worker, on a logger named by its module's
+    # file (ray==2.60, as pinned): the epoch line says it once. Ray Train's other INFO lines (a retry) still show.
+    logging.getLogger(ray_train_context.__file__).setLevel(logging.WARNING)
     worker = start_worker(loop_config)
     first_epoch = restore(worker)
     worker.model = ray.train.torch.prepare_model(worker.module)  # DDP over gloo; worker.module stays plain

@@ -85,6 +85,8 @@ def test_killed_worker_node_resumes_from_the_last_checkpoint(three_node_deployme
     print(f"\nnode killed: the job ended {time.monotonic() - killed_at:.0f} s later")
     assert status == "SUCCEEDED" and "epoch 3/3" in logs, logs[-5000:]
     assert re.search(r"resumed from the checkpoint of epoch [12]\b", logs), logs[-5000:]
+    # the retry is said; the metrics are said once an epoch (the epoch line), not in Ray's report dumps as well
+    assert "[FailurePolicy] RETRY" in logs and "Reporting training result" not in logs, logs[-5000:]
 
     client = MlflowClient(deployment.tracking_uri)
     (run,) = client.search_runs(
