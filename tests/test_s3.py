@@ -8,6 +8,7 @@ own in front of it, and the cluster test starts its own with `deploy/local-clust
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -18,6 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -357,32 +359,40 @@ def test_bad_object_store_input_is_answered_in_one_line(s3, s3_data, tiny_data, 
         ({"AWS_SECRET_ACCESS_KEY": wrong}, "bad-3",
          "refused access to bucket 'inpaint'", "check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"),
     ]  # fmt: skip
-    for extra, prefix, message, fix in cases:
-        out = "s3://no-such-bucket/x" if prefix == "no-such-bucket" else f"s3://{BUCKET}/{prefix}"
-        line = one_error_line(job("prepare.py", ["--source", source, "--out", out], s3.env | extra, tmp_path))
-        assert message in line and fix in line and wrong not in line, line
+    empty = f"s3://{BUCKET}/nothing-here"  # a prefix that holds no prepared dataset
+    stores = itertools.count()
+
+    # Every job stops within seconds, mostly importing: all of them at once, each with a tracking store of its own.
+    with ThreadPoolExecutor(16) as pool:
+
+        def start(name: str, args: list[str], extra: dict[str, str] | None = None) -> Future:
+            env = s3.env | (extra or {}) | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/{next(stores)}.db"}
+            return pool.submit(job, name, args, env, tmp_path)
+
+        refused = []
+        for extra, prefix, message, fix in cases:
+            out = "s3://no-such-bucket/x" if prefix == "no-such-bucket" else f"s3://{BUCKET}/{prefix}"
+            # training names the same problem, before any Ray work, for the data and for the checkpoints
+            train_args = ["--data", out, *settings(f"scaling.storage_path=s3://{BUCKET}/ckpt")]
+            prepare = start("prepare.py", ["--source", source, "--out", out], extra)
+            refused.append(((prepare, start("train.py", train_args, extra)), prefix, message, fix))
+        no_bucket = start("train.py", ["--data", s3_data, *settings("scaling.storage_path=s3://no-such-bucket/ckpt")])
+        train_empty = start("train.py", ["--data", empty])
+        evaluate_empty = start("evaluate.py", ["--model", "models:/m/1", "--data", empty])
+        # credentials in the URI are refused, and not repeated
+        in_uri = start("prepare.py", ["--source", source, "--out", f"s3://AKIAX:{wrong}@inpaint/x"])
+
+    for jobs, prefix, message, fix in refused:
+        for refusal in jobs:
+            line = one_error_line(refusal.result())
+            assert message in line and fix in line and wrong not in line, line
         assert not s3.keys(prefix), "nothing is written"
-        # training names the same problem, before any Ray work, for the data and for the checkpoints
-        args = ["--data", out, *settings(f"scaling.storage_path=s3://{BUCKET}/ckpt")]
-        env = s3.env | extra | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
-        line = one_error_line(job("train.py", args, env, tmp_path))
-        assert message in line and fix in line, line
-    env = s3.env | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
-    line = one_error_line(
-        job("train.py", ["--data", s3_data, *settings("scaling.storage_path=s3://no-such-bucket/ckpt")], env, tmp_path)
-    )
-    assert "bucket 'no-such-bucket' does not exist" in line, line
-
-    # a prefix that holds no prepared dataset
-    empty = f"s3://{BUCKET}/nothing-here"
-    line = one_error_line(job("train.py", ["--data", empty], env, tmp_path))
+    assert "bucket 'no-such-bucket' does not exist" in (line := one_error_line(no_bucket.result())), line
+    line = one_error_line(train_empty.result())
     assert f"{empty} holds no prepared dataset" in line and f"--out {empty}" in line, line
-    line = one_error_line(job("evaluate.py", ["--model", "models:/m/1", "--data", empty], env, tmp_path))
+    line = one_error_line(evaluate_empty.result())
     assert f"{empty} is not a prepared dataset" in line and f"--out {empty}" in line, line
-
-    # credentials in the URI are refused, and not repeated
-    line = one_error_line(job("prepare.py", ["--source", source, "--out", f"s3://AKIAX:{wrong}@inpaint/x"], s3.env,
-                              tmp_path))  # fmt: skip
+    line = one_error_line(in_uri.result())
     assert "credentials in the URI" in line and wrong not in line, line
 
     # the MLflow server refuses artifacts in a bucket it cannot use, before it starts

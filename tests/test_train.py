@@ -158,28 +158,38 @@ def test_stopped_run_resumes_and_logs_each_epoch_once(interruptible_data, tmp_pa
     assert metric_steps(client, run.info.run_id, "model_parameters") == [0]
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--set", "model.fusoin=add"], "unknown config key 'model.fusoin'"),
-        (["--workers", "0"], "scaling.workers"),
-        (["--workers", "64"], "64 workers × 1 CPU need 64 CPUs but the Ray cluster has"),
-        (["--address", "127.0.0.1:1"], "no Ray cluster at '127.0.0.1:1'"),
-        (["--tracking-uri", "http://127.0.0.1:1"], "MLflow tracking server not reachable at http://127.0.0.1:1"),
-        (["--data", "/nonexistent/cifar"], "/nonexistent/cifar"),
-        (["--set", "masks.max_size=40"], "masks.max_size = 40 is larger than the 32×32 images"),
-        (["--set", "masks.min_size=9", "--set", "masks.max_size=5"], "masks.min_size = 9 is larger than max_size (5)"),
-        (["--limit", "9"], "data.limit = 9 must be at least 10"),
-    ],
-)
-def test_bad_input_stops_with_one_line(tiny_data, tmp_path, args, message):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    data = [] if "--data" in args else ["--data", str(tiny_data)]
-    proc = run_job([*data, *args], tmp_path, uri)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 2, out
+BAD_INPUT = {
+    "unknown key": (["--set", "model.fusoin=add"], "unknown config key 'model.fusoin'"),
+    "no workers": (["--workers", "0"], "scaling.workers"),
+    "too many workers": (["--workers", "64"], "64 workers × 1 CPU need 64 CPUs but the Ray cluster has"),
+    "no cluster": (["--address", "127.0.0.1:1"], "no Ray cluster at '127.0.0.1:1'"),
+    "no server": (["--tracking-uri", "http://127.0.0.1:1"], "MLflow tracking server not reachable at http://127.0.0.1:1"),
+    "no data": (["--data", "/nonexistent/cifar"], "/nonexistent/cifar"),
+    "hole too big": (["--set", "masks.max_size=40"], "masks.max_size = 40 is larger than the 32×32 images"),
+    "sizes swapped": (["--set", "masks.min_size=9", "--set", "masks.max_size=5"],
+                      "masks.min_size = 9 is larger than max_size (5)"),
+    "limit too small": (["--limit", "9"], "data.limit = 9 must be at least 10"),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def bad_input_jobs(tiny_data, tmp_path_factory) -> dict[str, tuple[int, str]]:
+    """Every bad-input job started at once (each stops within seconds, mostly importing): name → exit, output."""
+    jobs = {}
+    for name, (args, _) in BAD_INPUT.items():
+        root = tmp_path_factory.mktemp("bad-input")
+        data = [] if "--data" in args else ["--data", str(tiny_data)]
+        jobs[name] = run_job([*data, *args], root, f"sqlite:///{root}/mlflow.db")
+    outputs = {name: proc.communicate(timeout=300)[0] for name, proc in jobs.items()}
+    return {name: (jobs[name].returncode, out) for name, out in outputs.items()}
+
+
+@pytest.mark.parametrize("case", BAD_INPUT)
+def test_bad_input_stops_with_one_line(bad_input_jobs, case):
+    returncode, out = bad_input_jobs[case]
+    assert returncode == 2, out
     errors = [line for line in out.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and message in errors[0], out
+    assert len(errors) == 1 and BAD_INPUT[case][1] in errors[0], out
     assert "Traceback" not in out
 
 

@@ -329,18 +329,21 @@ def test_best_trial_is_registered_with_the_alias_best(study, tiny_data):
 
 
 @pytest.mark.ray
-def test_killed_study_resumes_without_running_finished_trials_again(tiny_data, tmp_path):
-    """An Optuna study's driver (and the local Ray it started) killed with SIGKILL just as a trial finishes, before
-    Tune saves that (it saves its state and the searcher's 10 s or more apart): `--resume` says what it restored
-    and finishes the study, training no finished trial again, and Optuna's study ends holding every trial with
-    the value of its last report."""
+def test_a_study_stopped_with_ctrl_c_then_killed_goes_on_each_time_without_training_finished_trials_again(
+    tiny_data, tmp_path
+):
+    """An Optuna study of 4 trials, stopped twice as users stop one:
+    1. Ctrl-C once a trial has finished: exit 130, the runs KILLED, and a last line naming the study, its trials
+       and the `--resume` command;
+    2. that command, its driver (and the local Ray it started) killed with SIGKILL just as a trial finishes,
+       before Tune saves that (it saves its state and the searcher's 10 s or more apart);
+    3. `--resume` again says what it restored and finishes the study, training no finished trial again, and
+       Optuna's study ends holding every trial with the value of its last report."""
     write(tmp_path, OPTUNA_SPACE)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    args = study_args(tiny_data, "--samples", "3", "--limit", "60")  # 3 trials: still going when it is killed
-    proc = run_job(args, tmp_path, uri, job="tune.py", start_new_session=True)
-    client, deadline = MlflowClient(uri), time.monotonic() + 400
+    client, states = MlflowClient(uri), tmp_path / "runs" / "tune-space"
 
-    def finished_trials() -> set[str]:  # by MLflow: ChildRunCallback ends a trial's run as Tune ends the trial
+    def finished_trials(proc: subprocess.Popen, deadline: float) -> set[str]:  # ended by ChildRunCallback
         if time.monotonic() > deadline:
             os.killpg(proc.pid, signal.SIGKILL)  # its output, below, says how far it got
         assert proc.poll() is None, proc.communicate()[0][-3000:]
@@ -350,38 +353,62 @@ def test_killed_study_resumes_without_running_finished_trials_again(tiny_data, t
         runs = client.search_runs([experiment.experiment_id], filter_string) if experiment else []
         return {run.data.tags["tune_trial_id"] for run in runs}
 
+    # 1. Ctrl-C: 4 trials, 2 at a time, so when the first finishes others are under way
+    args = study_args(tiny_data, "--samples", "4", "--limit", "60")
+    proc = run_job(args, tmp_path, uri, job="tune.py", start_new_session=True)
+    deadline = time.monotonic() + 400
+    while not finished_trials(proc, deadline):
+        pass
+    os.killpg(proc.pid, signal.SIGINT)
+    out = proc.communicate(timeout=180)[0]
+    assert proc.returncode == 130, out[-3000:]
+    stopped = re.fullmatch(
+        r"stopped: study tune-space with (\d) trial\(s\) finished and (\d) under way; it is KILLED in MLflow; "
+        r"go on with: (python jobs/tune\.py --space space\.yaml --resume)",
+        out.strip().splitlines()[-1],
+    )
+    assert stopped, out[-3000:]
+    (parent,) = client.search_runs([client.get_experiment_by_name("inpaint").experiment_id], "tags.space != ''")
+    assert parent.info.status == "KILLED"
+    statuses = sorted(child.info.status for child in children_of(client, parent.info.run_id))
+    assert statuses.count("FINISHED") == int(stopped[1]) >= 1 and statuses.count("KILLED") == int(stopped[2])
+    command = shlex.split(stopped[3])
+    assert command[:2] == ["python", "jobs/tune.py"]
+
+    # 2. SIGKILL of the resumed study the moment a trial has finished but Tune's last save has it under way
     def saved_statuses() -> dict[str, str]:  # trial → status, in the newest state Tune saved
-        if not any(states.glob("experiment_state-*.json")):
-            return {}
         try:
             return saved_state(str(states))[0]
         except (ValueError, EOFError, pickle.UnpicklingError):  # being copied there
             return {}
 
-    def finished_unsaved() -> set[str]:  # finished by MLflow, under way in the state Tune saved last
-        finished = finished_trials()
+    def finished_unsaved(proc: subprocess.Popen, deadline: float) -> set[str]:
+        finished = finished_trials(proc, deadline)
         statuses = saved_statuses() if finished else {}  # (unpickled only once there is a trial to look up)
         return {trial for trial in finished if statuses.get(trial, "TERMINATED") != "TERMINATED"}
 
-    states = tmp_path / "runs" / "tune-space"
-    while not (late := finished_unsaved()):
+    proc = run_job(command[2:], tmp_path, uri, job="tune.py", start_new_session=True)
+    deadline = time.monotonic() + 400
+    while not (late := finished_unsaved(proc, deadline)):
         pass
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     saved = {trial for trial, status in saved_statuses().items() if status == "TERMINATED"}
     assert not late & saved, "Tune saved the trial's end in the moment before the kill: run the test again"
 
-    out = finish(run_job([*args, "--resume", "--json", "best.json"], tmp_path, uri, job="tune.py"), timeout=600)
+    # 3. the same command again finishes the study
+    out = finish(run_job([*command[2:], "--json", "best.json"], tmp_path, uri, job="tune.py"), timeout=600)
     restored = r"^restored study tune-space: \d trial\(s\) finished, \d go on \(\d of them finished after Tune's last "
     assert re.search(restored + r"save: .*\); Optuna knows \d finished trial\(s\)$", out, re.M), out[-3000:]
     assert all(f"trial {trial_id} had finished: its last report goes to Tune again" in out for trial_id in late)
     assert not any(f"trial {trial_id}:" in out for trial_id in saved | late), out[-3000:]  # not trained again
     result = json.loads((tmp_path / "best.json").read_text())
-    children = children_of(client, result["parent_run_id"])
-    assert len(children) == 3 and all(child.info.status == "FINISHED" for child in children), children
+    assert result["parent_run_id"] == parent.info.run_id
+    children = children_of(client, parent.info.run_id)
+    assert len(children) == 4 and all(child.info.status == "FINISHED" for child in children), children
     for child in children:
         assert_every_epoch_once(client, child, "val_loss", all_of=child.data.tags["stopped_early"] == "false")
-    parent = client.get_run(result["parent_run_id"])
+    parent = client.get_run(parent.info.run_id)
     assert parent.info.status == "FINISHED" and parent.data.params["search"] == "optuna"
     assert (parent.data.tags["data.train_rows"], parent.data.tags["data.val_rows"]) == ("54", "6")  # --limit 60
     assert client.get_model_version_by_alias("inpaint-fused-unet", "best").run_id == result["best_run_id"]
@@ -389,48 +416,11 @@ def test_killed_study_resumes_without_running_finished_trials_again(tiny_data, t
     # The searcher learnt every trial's last report: a trial that trained both epochs, its epoch-2 value.
     _, optuna_trials = saved_state(str(states))
     told = {trial.params["train.lr"]: trial.value for trial in optuna_trials}
-    assert len(told) == 3 and None not in told.values(), optuna_trials
+    assert len(told) == 4 and None not in told.values(), optuna_trials
     for child in children:
         if child.data.tags["stopped_early"] == "false":
             last = max(client.get_metric_history(child.info.run_id, "val_psnr_hole"), key=lambda m: m.step)
             assert told[float(child.data.params["train.lr"])] == pytest.approx(last.value, abs=1e-4), optuna_trials
-
-
-@pytest.mark.ray
-def test_ctrl_c_ends_the_study_with_one_line_whose_command_goes_on(tiny_data, tmp_path):
-    """Ctrl-C of a study once a trial has finished: exit 130, the runs KILLED, and a last line naming the study,
-    its trials and the `--resume` command, which then finishes the study."""
-    write(tmp_path, STUDY_SPACE)
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    proc = run_job(study_args(tiny_data, "--limit", "60"), tmp_path, uri, job="tune.py", start_new_session=True)
-    client, deadline = MlflowClient(uri), time.monotonic() + 600
-    while not (client.get_experiment_by_name("inpaint") and client.search_runs(
-        [client.get_experiment_by_name("inpaint").experiment_id],
-        filter_string="tags.tune_trial_id != '' and attributes.status = 'FINISHED'",
-    )):  # fmt: skip
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
-        time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGINT)
-    out = proc.communicate(timeout=180)[0]
-    assert proc.returncode == 130, out[-3000:]
-    last = out.strip().splitlines()[-1]
-    finished = re.fullmatch(
-        r"stopped: study tune-space with (\d) trial\(s\) finished and (\d) under way; it is KILLED in MLflow; "
-        r"go on with: (python jobs/tune\.py --space space\.yaml --resume)",
-        last,
-    )
-    assert finished, out[-3000:]
-    (parent,) = client.search_runs([client.get_experiment_by_name("inpaint").experiment_id], "tags.space != ''")
-    assert parent.info.status == "KILLED"
-    children = children_of(client, parent.info.run_id)
-    statuses = sorted(child.info.status for child in children)
-    assert statuses.count("FINISHED") == int(finished[1]) >= 1 and statuses.count("KILLED") == int(finished[2])
-
-    command = shlex.split(finished[3])
-    assert command[:2] == ["python", "jobs/tune.py"]
-    finish(run_job(command[2:], tmp_path, uri, job="tune.py"), timeout=600)
-    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
-    assert sorted(child.info.status for child in children_of(client, parent.info.run_id)) == ["FINISHED"] * 3
 
 
 @pytest.mark.ray
