@@ -180,7 +180,11 @@ def bad_input_jobs(tiny_data, tmp_path_factory) -> dict[str, tuple[int, str]]:
         root = tmp_path_factory.mktemp("bad-input")
         data = [] if "--data" in args else ["--data", str(tiny_data)]
         jobs[name] = run_job([*data, *args], root, f"sqlite:///{root}/mlflow.db")
-    outputs = {name: proc.communicate(timeout=300)[0] for name, proc in jobs.items()}
+    try:
+        outputs = {name: proc.communicate(timeout=300)[0] for name, proc in jobs.items()}
+    finally:  # one that hangs fails its test without leaving the others running
+        for proc in jobs.values():
+            proc.kill()
     return {name: (jobs[name].returncode, out) for name, out in outputs.items()}
 
 
